@@ -1,0 +1,61 @@
+# rwkv_ref: every command a newcomer needs. The first target run creates .venv and installs
+# into it; later runs reuse it (the stamp is refreshed when pyproject.toml changes).
+#
+#   make run         train the default (cpu) model on tiny-shakespeare, then sample from it
+#   make test        the whole test suite, notebooks included (what CI runs)
+#   make test-slow   the same with the thorough hypothesis profile and slow tests
+#   make bench       benchmarks: figures printed side by side with their references
+#   make compare     RWKV against the GPT baseline at equal parameters and tokens
+#   make book        the HTML book built from notebooks/ (warnings are errors)
+#   make book-check  the book opened in headless Chromium: math rendered, plots loaded
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+# torch is pinned here: on a CPU-only machine pip takes the local CPU build of 2.13.0
+# instead of downloading a multi-GB CUDA build. GPU users: see the README.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+BOOK_STAMP := $(VENV)/.installed-book
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install run train sample test test-fast test-slow bench compare book book-check clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+$(BOOK_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[book]"
+	touch $@
+
+run: $(STAMP)
+	$(PY) -m rwkv_ref.train --preset=cpu --out_dir=out/cpu
+	$(PY) -m rwkv_ref.generate --checkpoint=out/cpu/ckpt.pt --prompt="ROMEO:" --max_new_tokens=500
+
+test: $(STAMP)
+	$(PY) -m pytest --nbval-lax tests notebooks
+
+test-slow: $(STAMP)
+	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest --nbval-lax --run-slow tests notebooks
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+compare: $(STAMP)
+	$(PY) -m rwkv_ref.compare --out_dir=out/compare
+
+book: $(BOOK_STAMP)
+	$(BIN)/jupyter-book build book --warningiserror --keep-going
+
+book-check: book
+	$(PY) -m pytest tests/book_check.py
+
+clean:
+	rm -rf out book/_build .pytest_cache .hypothesis
