@@ -43,7 +43,7 @@ test: $(STAMP)
 	$(PY) -m pytest --nbval-lax tests notebooks
 
 test-slow: $(STAMP)
-	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest --nbval-lax --run-slow tests notebooks
+	$(PY) -m pytest --nbval-lax --hypothesis-profile=thorough --run-slow tests notebooks
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run

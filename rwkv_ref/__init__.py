@@ -1,0 +1,5 @@
+"""rwkv_ref: a readable, tested reference implementation of RWKV-4 (arXiv 2305.13048)."""
+from rwkv_ref.wkv import WKV_IMPLS, WKVState, wkv, wkv_step
+
+__all__ = ["WKV_IMPLS", "WKVState", "wkv", "wkv_step"]
+__version__ = "0.1.0"
