@@ -3,3 +3,8 @@ from rwkv_ref.wkv import WKV_IMPLS, WKVState, wkv, wkv_step
 
 __all__ = ["WKV_IMPLS", "WKVState", "wkv", "wkv_step"]
 __version__ = "0.1.0"
+from rwkv_ref.model import RWKV, RWKVConfig
+from rwkv_ref.state import LayerState, RWKVState
+from rwkv_ref.tokenizer import CharTokenizer, NeoXTokenizer
+
+__all__ += ["RWKV", "RWKVConfig", "LayerState", "RWKVState", "CharTokenizer", "NeoXTokenizer"]
