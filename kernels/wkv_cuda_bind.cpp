@@ -1,0 +1,100 @@
+// wkv_cuda_bind.cpp: the torch side of the CUDA WKV kernel: checks, allocation, dtype
+// dispatch and the current stream; the kernels themselves are in wkv_cuda.cu (no torch there).
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+// Launchers defined in wkv_cuda.cu (float and double overloads).
+void wkv_cuda_forward(int64_t B, int64_t T, int64_t C, const float* w, const float* u,
+                      const float* k, const float* v, const float* a, const float* b,
+                      const float* p, float* y, float* a_out, float* b_out, float* p_out,
+                      cudaStream_t stream);
+void wkv_cuda_forward(int64_t B, int64_t T, int64_t C, const double* w, const double* u,
+                      const double* k, const double* v, const double* a, const double* b,
+                      const double* p, double* y, double* a_out, double* b_out, double* p_out,
+                      cudaStream_t stream);
+void wkv_cuda_backward(int64_t B, int64_t T, int64_t C, const float* w, const float* u,
+                       const float* k, const float* v, const float* y, const float* gy,
+                       const float* a, const float* b, const float* p, const float* ga,
+                       const float* gb, const float* gp, float* gk, float* gv, float* gw_part,
+                       float* gu_part, float* ga_in, float* gb_in, float* gp_in,
+                       cudaStream_t stream);
+void wkv_cuda_backward(int64_t B, int64_t T, int64_t C, const double* w, const double* u,
+                       const double* k, const double* v, const double* y, const double* gy,
+                       const double* a, const double* b, const double* p, const double* ga,
+                       const double* gb, const double* gp, double* gk, double* gv,
+                       double* gw_part, double* gu_part, double* ga_in, double* gb_in,
+                       double* gp_in, cudaStream_t stream);
+
+namespace {
+
+void check(const std::vector<at::Tensor>& xs, int64_t T) {
+  for (const auto& x : xs) {
+    TORCH_CHECK(x.is_cuda(), "wkv cuda kernel: tensors must be on a CUDA device");
+    TORCH_CHECK(x.device() == xs[0].device(), "wkv cuda kernel: tensors on different devices");
+    TORCH_CHECK(x.is_contiguous(), "wkv cuda kernel: tensors must be contiguous");
+    TORCH_CHECK(x.scalar_type() == xs[0].scalar_type(), "wkv cuda kernel: mixed dtypes");
+  }
+  TORCH_CHECK(T < std::numeric_limits<int32_t>::max(), "wkv cuda kernel: T must be < 2^31");
+}
+
+template <typename F>
+const F* in(const at::Tensor& x) { return x.data_ptr<F>(); }
+
+template <typename F>
+F* out(at::Tensor& x) { return x.data_ptr<F>(); }
+
+// y and the outgoing state (a, b, p) for k, v (B, T, C) from the incoming state (B, C).
+std::vector<at::Tensor> forward(at::Tensor w, at::Tensor u, at::Tensor k, at::Tensor v,
+                                at::Tensor a, at::Tensor b, at::Tensor p) {
+  const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
+  check({w, u, k, v, a, b, p}, T);
+  const c10::cuda::CUDAGuard guard(k.device());
+  auto y = at::empty_like(k);
+  auto a_out = at::empty_like(a), b_out = at::empty_like(a), p_out = at::empty_like(a);
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_forward_cuda", [&] {
+    using F = scalar_t;
+    wkv_cuda_forward(B, T, C, in<F>(w), in<F>(u), in<F>(k), in<F>(v), in<F>(a), in<F>(b),
+                     in<F>(p), out<F>(y), out<F>(a_out), out<F>(b_out), out<F>(p_out),
+                     c10::cuda::getCurrentCUDAStream());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y, a_out, b_out, p_out};
+}
+
+// Gradients w.r.t. w, u, k, v, a_in, b_in, p_in given those w.r.t. y, a_out, b_out, p_out.
+std::vector<at::Tensor> backward(at::Tensor w, at::Tensor u, at::Tensor k, at::Tensor v,
+                                 at::Tensor y, at::Tensor gy, at::Tensor a, at::Tensor b,
+                                 at::Tensor p, at::Tensor ga, at::Tensor gb, at::Tensor gp) {
+  const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
+  check({w, u, k, v, y, gy, a, b, p, ga, gb, gp}, T);
+  const c10::cuda::CUDAGuard guard(k.device());
+  auto gk = at::empty_like(k), gv = at::empty_like(k);
+  auto gw_part = at::empty_like(a), gu_part = at::empty_like(a);
+  auto ga_in = at::empty_like(a), gb_in = at::empty_like(a), gp_in = at::empty_like(a);
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_backward_cuda", [&] {
+    using F = scalar_t;
+    wkv_cuda_backward(B, T, C, in<F>(w), in<F>(u), in<F>(k), in<F>(v), in<F>(y), in<F>(gy),
+                      in<F>(a), in<F>(b), in<F>(p), in<F>(ga), in<F>(gb), in<F>(gp),
+                      out<F>(gk), out<F>(gv), out<F>(gw_part), out<F>(gu_part), out<F>(ga_in),
+                      out<F>(gb_in), out<F>(gp_in), c10::cuda::getCurrentCUDAStream());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // w and u are shared by the batch: sum the per-row shares.
+  return {gw_part.sum(0), gu_part.sum(0), gk, gv, ga_in, gb_in, gp_in};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "WKV forward (CUDA): (w, u, k, v, a, b, p) -> [y, a, b, p]");
+  m.def("backward", &backward,
+        "WKV backward (CUDA): (w, u, k, v, y, gy, a, b, p, ga, gb, gp) -> "
+        "[gw, gu, gk, gv, ga_in, gb_in, gp_in]");
+}

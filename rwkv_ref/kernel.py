@@ -1,0 +1,171 @@
+"""The compiled WKV kernel of ``kernels/``: built on first use, called through autograd.
+
+Two builds of one scan body (``kernels/wkv_scan.h``): ``cpp`` for the CPU and ``cuda`` for
+the GPU, each with a hand-derived backward (the derivation is in the header). Both take the
+POSITIVE decay rate ``w = exp(time_decay)``; the official RWKV-4 kernel is handed
+``-exp(time_decay)`` instead.
+
+Nothing is compiled when ``rwkv_ref`` is imported: the first ``unavailable_reason(name)`` or
+``wkv_kernel(name, ...)`` builds the extension with ``torch.utils.cpp_extension.load`` into
+torch's extension cache (``TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``). The
+extension's name carries a hash of the sources and flags, so an edited kernel is rebuilt and
+never confused with an old build. A failed build is remembered and explained, not raised.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from rwkv_ref.wkv import WKVState
+
+KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
+_SOURCES = {
+    "cpp": ("wkv_scan.h", "wkv_cpu.cpp"),
+    "cuda": ("wkv_scan.h", "wkv_cuda.cu", "wkv_cuda_bind.cpp"),
+}
+# No -march=native: the build cache may be shared by machines with different CPUs (a home
+# directory on a cluster), and a binary for the newest CPU dies of SIGILL on an older one.
+# wkv_cpu.cpp compiles its hot loops for three instruction sets instead and the loader picks
+# one. -fno-trapping-math lets GCC turn the scan's selects into vector blends (without it
+# nothing vectorises); -fopenmp makes at::parallel_for use threads (without it, one thread).
+_OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+_CFLAGS = ["-O3", "-fno-trapping-math", *_OPENMP]
+_LDFLAGS = _OPENMP
+_CUDA_FLAGS = ["-O3"]
+
+_modules: dict[str, object] = {}   # name -> loaded extension
+_reasons: dict[str, str] = {}      # name -> why it cannot be used (remembered)
+
+
+def _build_name(name: str) -> str:
+    """``rwkv_wkv_<name>_<hash>``: the hash covers the sources, the flags and torch."""
+    digest = hashlib.sha256()
+    for file in _SOURCES[name]:
+        digest.update((KERNELS_DIR / file).read_bytes())
+    digest.update(repr((_CFLAGS, _LDFLAGS, _CUDA_FLAGS, torch.__version__)).encode())
+    return f"rwkv_wkv_{name}_{digest.hexdigest()[:12]}"
+
+
+def _missing_tool(name: str) -> str | None:
+    """Why the toolchain for ``name`` is incomplete (what to install), or None."""
+    from torch.utils import cpp_extension
+
+    if name == "cuda":
+        if torch.version.cuda is None:
+            return ("CUDA is not available: this PyTorch build has no CUDA support "
+                    "(torch.version.cuda is None); install a CUDA build of torch")
+        if not torch.cuda.is_available():
+            return ("CUDA is not available: torch.cuda.is_available() is False "
+                    "(no GPU or no driver visible)")
+        if cpp_extension.CUDA_HOME is None or not shutil.which(
+                os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
+            return (f"nvcc not found: install the CUDA toolkit matching torch.version.cuda "
+                    f"({torch.version.cuda}) and set CUDA_HOME")
+    missing = [f for f in _SOURCES[name] if not (KERNELS_DIR / f).is_file()]
+    if missing:
+        return (f"the kernel sources are missing ({', '.join(missing)} in {KERNELS_DIR}); "
+                f"install rwkv_ref from a source checkout (pip install -e .)")
+    compiler = os.environ.get("CXX", "c++")   # what torch compiles with
+    if shutil.which(compiler.split()[0] if compiler.strip() else "c++") is None:
+        return (f"no C++ compiler found (looked for {compiler!r}): install g++ "
+                f"(Debian/Ubuntu: apt install g++; Fedora: dnf install gcc-c++; "
+                f"macOS: xcode-select --install), or set CXX")
+    if not cpp_extension.is_ninja_available():
+        return "ninja not found: pip install ninja (torch builds extensions with it)"
+    return None
+
+
+def _build(name: str):
+    """Compile (or load from the cache) the extension for ``name``; raises on failure."""
+    from torch.utils import cpp_extension
+
+    sources = [str(KERNELS_DIR / f) for f in _SOURCES[name] if not f.endswith(".h")]
+    cuda = name == "cuda"
+    return cpp_extension.load(
+        name=_build_name(name), sources=sources, extra_cflags=["-O3"] if cuda else _CFLAGS,
+        extra_ldflags=[] if cuda else _LDFLAGS, extra_cuda_cflags=_CUDA_FLAGS,
+        extra_include_paths=[str(KERNELS_DIR)], with_cuda=cuda, verbose=False)
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None if kernel ``name`` ("cpp" or "cuda") can be used now, else why not.
+
+    The first call for a name builds (or loads) the extension; the result, success or the
+    reason for failure, is remembered for the rest of the process. Never raises.
+    """
+    if name not in _SOURCES:
+        return f"unknown kernel {name!r}; use 'cpp' or 'cuda'"
+    if name in _modules or name in _reasons:
+        return _reasons.get(name)
+    try:
+        reason = _missing_tool(name)
+        if reason is None:
+            _modules[name] = _build(name)
+    except Exception as error:  # noqa: BLE001 - a failed build is explained, not raised
+        # torch's message ends with the compiler's output: keep its tail, where the error is
+        tail = str(error).strip()[-3000:]
+        reason = f"building the {name} WKV kernel failed ({type(error).__name__}): {tail}"
+    if reason is not None:
+        _reasons[name] = reason
+    return reason
+
+
+def extension(name: str):
+    """The loaded extension module for kernel ``name``; RuntimeError saying why if unavailable.
+
+    Its functions take contiguous tensors of one float dtype: ``forward(w, u, k, v, a, b, p)
+    -> [y, a, b, p]`` and ``backward(w, u, k, v, y, gy, a, b, p, ga, gb, gp) -> [gw, gu, gk,
+    gv, ga_in, gb_in, gp_in]`` (w, u: (C,); k, v, y, gy: (B, T, C); states: (B, C)).
+    """
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise RuntimeError(f"rwkv_ref: the {name} WKV kernel is unavailable: {reason}")
+    return _modules[name]
+
+
+class _WKVFunction(torch.autograd.Function):
+    """y, a, b, p = WKV(w, u, k, v, a_in, b_in, p_in), backward by the kernel's own scan."""
+
+    @staticmethod
+    def forward(ctx, module, w, u, k, v, a, b, p):
+        y, a_out, b_out, p_out = module.forward(w, u, k, v, a, b, p)
+        ctx.module = module
+        ctx.save_for_backward(w, u, k, v, a, b, p, y)  # states are recomputed, not saved
+        return y, a_out, b_out, p_out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, ga, gb, gp):
+        w, u, k, v, a, b, p, y = ctx.saved_tensors
+        grads = ctx.module.backward(w, u, k, v, y, gy.contiguous(), a, b, p,
+                                    ga.contiguous(), gb.contiguous(), gp.contiguous())
+        return (None, *grads)   # no gradient for the module
+
+
+def wkv_kernel(name: str, w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKVState):
+    """The WKV operator by the compiled kernel ``name`` ("cpp" or "cuda").
+
+    Inputs are those of ``rwkv_ref.wkv`` after ``check_inputs``; computation is in float64
+    for float64 ``k`` and in float32 otherwise (bf16 and fp16 are upcast).
+
+    Args:
+        w: (C,) POSITIVE decay rate ``exp(time_decay)``.  u: (C,) bonus.
+        k, v: (B, T, C).  state: ``WKVState`` of three (B, C) tensors in the compute dtype.
+    Returns:
+        y: (B, T, C) and the ``WKVState`` after the last token, both in the compute dtype.
+        Differentiable w.r.t. w, u, k, v and the three state tensors.
+    Raises:
+        RuntimeError: the kernel is unavailable (the message says why and what to install).
+    """
+    module = extension(name)
+    dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
+    args = [x.to(dtype).contiguous() for x in (w, u, k, v, *state)]
+    y, a, b, p = _WKVFunction.apply(module, *args)
+    return y, WKVState(a, b, p)
