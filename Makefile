@@ -51,11 +51,22 @@ bench: $(STAMP)
 compare: $(STAMP)
 	$(PY) -m rwkv_ref.compare --out_dir=out/compare
 
-book: $(BOOK_STAMP)
+# MathJax is served from a local copy (no network at build or view time); npm fetches it once.
+MATHJAX := book/_build/mathjax/node_modules/mathjax/es5/tex-chtml.js
+
+$(MATHJAX):
+	@command -v npm >/dev/null 2>&1 || \
+		{ echo "make book needs npm (Debian/Ubuntu: apt-get install -y nodejs npm)"; exit 1; }
+	npm install --silent --no-save --no-package-lock --no-audit --no-fund \
+		--prefix book/_build/mathjax mathjax@3.2.2
+
+book: $(BOOK_STAMP) $(MATHJAX)
 	$(BIN)/jupyter-book build book --warningiserror --keep-going
 
 book-check: book
-	$(PY) -m pytest tests/book_check.py
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		{ echo "make book-check needs Chromium (Debian/Ubuntu: apt-get install -y chromium)"; exit 1; }
+	$(PY) -m pytest -p no:cacheprovider tests/book_check.py
 
 clean:
 	rm -rf out book/_build .pytest_cache .hypothesis

@@ -60,9 +60,10 @@ class WKVState(NamedTuple):
         """Move or cast all three tensors (same arguments as ``Tensor.to``)."""
         return WKVState(*(t.to(*args, **kwargs) for t in self))
 
-    def decay(self, steps: Tensor | float) -> "WKVState":
-        """The state ``steps`` tokens later with no new tokens: exponent minus ``steps * w``."""
-        return WKVState(self.a, self.b, self.p - steps)
+    def decay(self, amount: Tensor | float) -> "WKVState":
+        """The state with every term multiplied by ``exp(-amount)``: the exponent minus
+        ``amount`` (``amount = w`` ages the state by one token, ``n * w`` by n tokens)."""
+        return WKVState(self.a, self.b, self.p - amount)
 
 
 # ----------------------------------------------------------------------------- checks
