@@ -1,0 +1,79 @@
+"""Two processes under torchrun (gloo, 127.0.0.1) take the same steps as one process that is
+fed the union of their batches: DDP averages the gradients of equal halves of a batch."""
+import dataclasses
+import socket
+import subprocess
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from rwkv_ref.data import get_batch, load_data
+from rwkv_ref.train import (TrainConfig, batch_generator, build_model, build_optimizer,
+                            forward_backward)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_reference(cfg: TrainConfig, world_size: int):
+    """One process, each step fed the concatenation of every rank's batch.
+
+    Returns:
+        (initial state dict, final state dict, the loss of every step).
+    """
+    data = load_data(cfg.data)
+    torch.manual_seed(cfg.seed)
+    model, _ = build_model(cfg, data.tokenizer.vocab_size)
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+    optimizer, scheduler = build_optimizer(model, cfg)
+    generators = [batch_generator(cfg.seed, rank) for rank in range(world_size)]
+    losses = []
+    for _ in range(cfg.max_iters):
+        pairs = [get_batch(data.train, cfg.batch_size // world_size, cfg.ctx_len, g)
+                 for g in generators]
+        x, y = (torch.cat(part) for part in zip(*pairs))            # (B, T): all ranks
+        loss, _ = forward_backward(model, x, y, cfg.grad_clip, nullcontext)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return initial, model.state_dict(), losses
+
+
+def test_two_processes_equal_one_with_the_union_batch(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question:\n" * 40, encoding="utf-8")
+    cfg = dataclasses.replace(
+        TrainConfig(), n_layer=2, n_embd=32, ctx_len=16, batch_size=8, max_iters=4, lr=5e-3,
+        warmup_iters=2, eval_interval=1, eval_iters=1, data=str(text), wkv_impl="parallel",
+        out_dir=str(tmp_path / "ddp"), sample_tokens=0, weight_decay=0.1)
+    args = [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+                "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    done = subprocess.run([*launcher, "-m", "rwkv_ref.train", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 process(es)" in done.stdout
+    assert done.stdout.count("training rwkv") == 1                 # only rank 0 prints
+
+    ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert len(ckpt["rng"]["batch"]) == 2                          # both ranks' generators
+    assert not torch.equal(*ckpt["rng"]["batch"])                  # each its own stream
+    initial, expected, losses = single_process_reference(cfg, world_size=2)
+    assert ckpt["step"] == cfg.max_iters
+    for name, value in expected.items():
+        torch.testing.assert_close(ckpt["model"][name], value, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+    moved = [name for name, value in expected.items()
+             if (value - initial[name]).abs().max() > 1e-3]
+    assert len(moved) == len(expected)                             # every weight was trained
+    ddp_losses = [row["loss"] for row in ckpt["history"][1:]]     # the mean over the ranks
+    torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(losses), rtol=1e-5,
+                               atol=1e-6)

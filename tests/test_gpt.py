@@ -1,0 +1,108 @@
+"""The GPT baseline: shapes, causality, attention against a hand-written reference, sampling,
+and the parameter matching of ``rwkv_ref.compare``."""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rwkv_ref.compare import count_params, matched_configs
+from rwkv_ref.gpt import GPT, GPTConfig
+from rwkv_ref.train import TrainConfig
+
+
+def small(**overrides) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=11, n_layer=2, n_embd=16, n_head=4, ctx_len=12)
+    cfg.update(overrides)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def test_shapes_and_interface():
+    model = small()
+    idx = torch.randint(11, (3, 12))
+    logits, state = model(idx)
+    assert logits.shape == (3, 12, 11) and state is None
+    assert model(idx[:, :5])[0].shape == (3, 5, 11)
+    with pytest.raises(ValueError, match="ctx_len"):
+        model(torch.randint(11, (1, 13)))
+    with pytest.raises(ValueError, match="state"):
+        model(idx, state=object())
+    with pytest.raises(ValueError, match="n_head"):
+        GPTConfig(vocab_size=11, n_layer=1, n_embd=10, n_head=4, ctx_len=8)
+
+
+def test_causal_no_position_sees_the_future():
+    model = small()
+    idx = torch.randint(11, (2, 12))
+    logits = model(idx)[0]
+    for t in (0, 5, 11):
+        changed = idx.clone()
+        changed[:, t:] = (changed[:, t:] + 1) % 11
+        other = model(changed)[0]
+        torch.testing.assert_close(other[:, :t], logits[:, :t])    # the past is unchanged
+        assert not torch.allclose(other[:, t], logits[:, t])        # position t itself does see
+
+
+def test_attention_equals_the_explicit_masked_softmax():
+    attn = small().blocks[0].attn
+    x = torch.randn(2, 7, 16)
+    q, k, v = attn.qkv(x).split(16, dim=2)
+    q, k, v = (t.view(2, 7, 4, 4).transpose(1, 2) for t in (q, k, v))      # (B, H, T, D)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(4)                         # (B, H, T, T)
+    future = torch.ones(7, 7, dtype=torch.bool).triu(1)
+    weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    expected = attn.proj((weights @ v).transpose(1, 2).reshape(2, 7, 16))
+    torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_parameter_count_formula():
+    V, L, C, F_, T = 11, 3, 16, 40, 12
+    model = small(n_layer=L, dim_ffn=F_)
+    per_layer = 4 * C * C + 2 * C * F_ + 2 * 2 * C          # attention, MLP, two LayerNorms
+    assert sum(p.numel() for p in model.parameters()) == V * C + T * C + L * per_layer \
+        + 2 * C + V * C
+    assert GPTConfig(vocab_size=V, n_layer=1, n_embd=C, n_head=2, ctx_len=T).dim_ffn == 4 * C
+
+
+def test_generate_keeps_the_prompt_and_is_reproducible():
+    model = small()
+    prompt = [1, 2, 3]
+
+    def sample(seed):
+        return model.generate(prompt, 20, generator=torch.Generator().manual_seed(seed))
+
+    out = sample(0)
+    assert out.shape == (23,) and out[:3].tolist() == prompt and int(out.max()) < 11
+    assert torch.equal(out, sample(0)) and not torch.equal(out, sample(1))
+    greedy = model.generate(torch.tensor([[1, 2, 3], [4, 5, 6]]), 15, greedy=True)
+    assert greedy.shape == (2, 18)                  # past ctx_len = 12: the window slides
+    window = greedy[:, -13:-1]
+    assert torch.equal(greedy[:, -1], model(window)[0][:, -1].argmax(-1))
+
+
+def test_one_training_step_lowers_the_loss():
+    model = small().train()
+    idx = torch.randint(11, (4, 12))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        logits, _ = model(idx[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("n_layer, n_embd, ctx_len", [(4, 128, 128), (2, 64, 256), (3, 96, 64)])
+def test_compare_matches_parameter_counts(n_layer, n_embd, ctx_len):
+    cfg = dataclasses.replace(TrainConfig(), n_layer=n_layer, n_embd=n_embd, ctx_len=ctx_len,
+                              n_head=4)
+    rwkv, gpt = matched_configs(cfg, vocab_size=65)
+    n_rwkv, n_gpt = count_params(rwkv, 65), count_params(gpt, 65)
+    assert rwkv.model == "rwkv" and gpt.model == "gpt"
+    assert abs(n_gpt - n_rwkv) <= 0.01 * n_rwkv             # far inside the required 5%
+    assert (gpt.n_layer, gpt.n_embd, gpt.ctx_len) == (n_layer, n_embd, ctx_len)

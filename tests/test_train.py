@@ -1,0 +1,256 @@
+"""rwkv_ref.train: config overrides, a tiny end-to-end run, resume bit for bit, Ctrl-C, NaN.
+
+Every run here is tiny (a few thousand parameters, a few steps) on a small text written by the
+test, so that the whole file takes seconds.
+"""
+import dataclasses
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rwkv_ref import train as train_mod
+from rwkv_ref.train import (PRESETS, ConfigError, TrainConfig, TrainingDiverged, apply_overrides,
+                            config_from_args, lr_factor, main, parse_args, read_metrics, train)
+
+REPO = Path(__file__).resolve().parents[1]
+SENTENCE = "the quick brown fox jumps over the lazy dog; "
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """A small, very regular text: a tiny model can learn it in a few dozen steps."""
+    path = tmp_path / "fox.txt"
+    path.write_text(SENTENCE * 60, encoding="utf-8")
+    return path
+
+
+def tiny(tmp_path, text_file, **overrides) -> TrainConfig:
+    """A config that trains in well under a second per ten steps on one core."""
+    values = dict(n_layer=2, n_embd=32, n_head=2, ctx_len=16, batch_size=8, max_iters=8,
+                  lr=1e-2, min_lr=1e-3, warmup_iters=2, eval_interval=4, eval_iters=2,
+                  data=str(text_file), out_dir=str(tmp_path / "out"), sample_tokens=0,
+                  wkv_impl="parallel", num_threads=1)
+    values.update(overrides)
+    return dataclasses.replace(TrainConfig(), **values)
+
+
+def state_of(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def test_overrides_are_parsed_by_field_type():
+    cfg = apply_overrides(TrainConfig(), {"lr": "3e-4", "n_layer": "2", "resume": None,
+                                          "data": "poem.txt", "grad_clip": "0", "dtype":
+                                          "bfloat16", "sample_tokens": "7"})
+    assert cfg.lr == 3e-4 and isinstance(cfg.lr, float)
+    assert cfg.n_layer == 2 and isinstance(cfg.n_layer, int)
+    assert cfg.resume is True and cfg.data == "poem.txt" and cfg.grad_clip == 0.0
+    assert apply_overrides(cfg, {"resume": "false"}).resume is False
+    assert TrainConfig().lr != 3e-4                    # the defaults are untouched
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("n_layer", "2.5", "expects int"),
+    ("lr", "fast", "expects float"),
+    ("resume", "maybe", "true or false"),
+    ("n_embd", None, "needs a value"),
+])
+def test_overrides_reject_values_of_the_wrong_type(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(TrainConfig(), {key: value})
+
+
+def test_unknown_keys_list_close_matches():
+    with pytest.raises(ConfigError, match="--n_layer") as err:
+        apply_overrides(TrainConfig(), {"n_layr": "3"})
+    assert "unknown option --n_layr" in str(err.value)
+    with pytest.raises(ConfigError, match="unknown option --zzz"):
+        apply_overrides(TrainConfig(), {"zzz": "1"})
+
+
+def test_presets_and_command_line(capsys):
+    assert parse_args(["--preset=gpu", "--lr=1e-3", "--resume"]) == (
+        "gpu", {"lr": "1e-3", "resume": None})
+    cfg = config_from_args(["--preset=gpu", "--lr=1e-4"])
+    assert (cfg.n_layer, cfg.n_embd, cfg.ctx_len, cfg.max_iters) == (6, 384, 256, 5000)
+    assert cfg.dtype == "bfloat16" and cfg.lr == 1e-4            # the override wins
+    assert config_from_args([]) == TrainConfig()                   # cpu: the defaults
+    assert set(PRESETS) >= {"cpu", "gpu"}
+    with pytest.raises(ConfigError, match="cpu, gpu"):
+        config_from_args(["--preset=tpu"])
+    assert main(["--n_embed=64"]) == 2
+    assert "--n_embd" in capsys.readouterr().err
+    assert main(["--help"]) == 0 and "--batch_size" in capsys.readouterr().out
+
+
+def test_config_checks(tmp_path, text_file):
+    with pytest.raises(ConfigError, match="model"):
+        train(tiny(tmp_path, text_file, model="lstm"))
+    with pytest.raises(ConfigError, match="batch_size"):
+        train_mod.check_config(tiny(tmp_path, text_file, batch_size=5), world_size=2)
+
+
+def test_learning_rate_schedule():
+    f = [lr_factor(s, warmup_iters=10, max_iters=110, min_ratio=0.1) for s in range(120)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)       # linear warm-up
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))                      # then only down
+    assert f[60] == pytest.approx(0.55)                                     # cosine midpoint
+    assert f[110] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)   # floor at min_lr
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("model", ["rwkv", "gpt"])
+def test_tiny_run_learns_and_writes_its_files(tmp_path, text_file, model):
+    cfg = tiny(tmp_path, text_file, model=model, max_iters=40, eval_interval=20,
+               sample_tokens=30, sample_prompt="the ")
+    result = train(cfg)
+    out = Path(cfg.out_dir)
+    assert {p.name for p in out.iterdir()} == {"ckpt.pt", "metrics.jsonl", "loss.png",
+                                               "sample.txt"}
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows == result.history and [r["step"] for r in rows] == [0, 20, 40]
+    assert set(rows[0]) == {"step", "tokens", "loss", "train_loss", "val_loss", "lr",
+                            "tokens_per_s", "elapsed_s"}
+    assert rows[-1]["tokens"] == 40 * 8 * 16 and rows[-1]["tokens_per_s"] > 0
+    assert rows[0]["train_loss"] > 2.5                       # about ln(V), V = 22 characters
+    assert rows[-1]["train_loss"] < 0.5 * rows[0]["train_loss"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "sample.txt").read_text().startswith("the ")
+    assert len((out / "sample.txt").read_text()) == len("the ") + 30 + 1
+    ckpt = state_of(out / "ckpt.pt")
+    assert ckpt["step"] == 40 and ckpt["model_type"] == model
+    assert ckpt["train_config"] == dataclasses.asdict(cfg)
+
+
+def test_checkpoint_feeds_generate_and_resume(tmp_path, text_file):
+    from rwkv_ref.generate import load_checkpoint
+
+    cfg = tiny(tmp_path, text_file, max_iters=2)
+    train(cfg)
+    model, tokenizer = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+    ids = model.generate(tokenizer.encode("the "), 10, greedy=True)
+    assert len(tokenizer.decode(ids)) == 14
+    # --resume --out_dir=DIR continues the saved run's config; given options still apply
+    resumed = config_from_args(["--resume", f"--out_dir={cfg.out_dir}", "--max_iters=5"])
+    assert resumed == dataclasses.replace(cfg, resume=True, max_iters=5)
+
+
+# ----------------------------------------------------------------------------- resume, stop
+
+
+def _sigint_after(step, monkeypatch):
+    """Make the run send itself a real SIGINT once it has taken ``step`` steps."""
+    original = train_mod.take_step
+
+    def take_step(run, stop):
+        stop_now = original(run, stop)
+        if run.step == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return stop_now
+
+    monkeypatch.setattr(train_mod, "take_step", take_step)
+
+
+DETERMINISTIC = ("step", "tokens", "loss", "train_loss", "val_loss", "lr")
+
+
+def test_resume_is_bit_for_bit(tmp_path, text_file, monkeypatch):
+    straight = tiny(tmp_path, text_file, max_iters=10, eval_interval=2, weight_decay=0.1,
+                    out_dir=str(tmp_path / "straight"))
+    train(straight)
+    split = dataclasses.replace(straight, out_dir=str(tmp_path / "split"))
+    with monkeypatch.context() as m:
+        _sigint_after(4, m)
+        first = train(split)                # Ctrl-C at step 4: it saves after step 5
+    assert first.interrupted and state_of(tmp_path / "split" / "ckpt.pt")["step"] == 5
+    second = train(dataclasses.replace(split, resume=True))
+    assert not second.interrupted
+    a, b = state_of(tmp_path / "straight/ckpt.pt"), state_of(tmp_path / "split/ckpt.pt")
+    assert b["step"] == 10
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    for i, s in a["optimizer"]["state"].items():
+        assert torch.equal(s["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"])
+    rows_a, rows_b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("straight", "split"))
+    assert [[r[k] for k in DETERMINISTIC] for r in rows_a] == \
+           [[r[k] for k in DETERMINISTIC] for r in rows_b]
+    assert len(rows_a) == 6
+
+
+def test_sigint_to_a_subprocess_saves_a_checkpoint(tmp_path, text_file):
+    out = tmp_path / "out"
+    args = [f"--{k}={v}" for k, v in dataclasses.asdict(
+        tiny(tmp_path, text_file, max_iters=100_000, eval_interval=100_000)).items()]
+    proc = subprocess.Popen([sys.executable, "-m", "rwkv_ref.train", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = proc.stdout.readline()          # printed just before the first step
+        assert first.startswith("training rwkv"), first
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        output = first + proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, output
+    assert "stopped at step" in output
+    ckpt = state_of(out / "ckpt.pt")
+    assert 1 <= ckpt["step"] < 100_000
+    assert [p.name for p in out.iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_ctrl_c_twice(monkeypatch):
+    """Repeats within a few seconds are one request (torchrun forwards the terminal's Ctrl-C);
+    a later one quits at once."""
+    with train_mod.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        monkeypatch.setattr(stop, "PATIENCE_S", 0.0)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)                  # the handler runs between bytecodes
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, monkeypatch):
+    original, calls = train_mod.compute_loss, []
+
+    def poisoned(model, x, y):              # training steps only: evaluation runs without grad
+        loss = original(model, x, y)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 7:
+                return loss * math.nan
+        return loss
+
+    monkeypatch.setattr(train_mod, "compute_loss", poisoned)
+    cfg = tiny(tmp_path, text_file, max_iters=20, eval_interval=3)
+    with pytest.raises(TrainingDiverged, match="step 7") as err:
+        train(cfg)
+    assert "untouched" in str(err.value)
+    ckpt = state_of(Path(cfg.out_dir) / "ckpt.pt")
+    assert ckpt["step"] == 6                  # the evaluation at step 6, nothing after
+    assert all(torch.isfinite(p).all() for p in ckpt["model"].values())
+    assert [p.name for p in Path(cfg.out_dir).iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_huge_learning_rate_is_stopped_by_the_command_line(tmp_path, text_file, capsys):
+    cfg = tiny(tmp_path, text_file, lr=1e30, min_lr=1e29, warmup_iters=1, max_iters=50,
+               grad_clip=0.0, eval_interval=50)
+    argv = [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "training stopped" in err and "no checkpoint was written" in err
+    assert not (Path(cfg.out_dir) / "ckpt.pt").exists()     # no good checkpoint to keep
