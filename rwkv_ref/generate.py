@@ -168,6 +168,9 @@ def load_checkpoint(path, tokenizer_path=None, device="cpu", **config_overrides)
                              "inside: pass --tokenizer path/to/20B_tokenizer.json")
         model = from_blinkdl(ckpt, **config_overrides)
     else:
+        if ckpt.get("model_type", "rwkv") != "rwkv":
+            raise ValueError(f"checkpoint {path} holds a {ckpt['model_type']!r} model; "
+                             "rwkv_ref.generate samples from RWKV checkpoints only")
         missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
         if missing:
             raise ValueError(f"checkpoint {path} lacks keys {missing} (has {sorted(ckpt)[:10]})")

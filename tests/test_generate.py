@@ -190,6 +190,10 @@ def test_load_checkpoint_errors(model, tmp_path, bpe_json):
     torch.save({"model": model.state_dict()}, partial)
     with pytest.raises(ValueError, match=r"\['model_config', 'tokenizer'\]"):
         load_checkpoint(partial)
+    gpt = tmp_path / "gpt.pt"
+    torch.save({"model": {}, "model_config": {}, "tokenizer": {}, "model_type": "gpt"}, gpt)
+    with pytest.raises(ValueError, match="holds a 'gpt' model"):
+        load_checkpoint(gpt)
     official = tmp_path / "official.pth"
     model.save_blinkdl(official)
     with pytest.raises(ValueError, match="--tokenizer"):
