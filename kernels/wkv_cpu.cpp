@@ -15,6 +15,8 @@
 // Other compilers and architectures get one build for the compiler's default target.
 #include <torch/extension.h>
 
+#include "wkv_bind.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -118,20 +120,12 @@ WKV_CPU_CLONES void backward_job(const BackwardArgs<F>& x, Job job) {
 
 // ---------------------------------------------------------------------------- bindings
 
+using wkv_bind::in;
+using wkv_bind::out;
+
 void check(const std::vector<at::Tensor>& xs, int64_t T) {
-  for (const auto& x : xs) {
-    TORCH_CHECK(x.device().is_cpu(), "wkv cpp kernel: tensors must be on the CPU");
-    TORCH_CHECK(x.is_contiguous(), "wkv cpp kernel: tensors must be contiguous");
-    TORCH_CHECK(x.scalar_type() == xs[0].scalar_type(), "wkv cpp kernel: mixed dtypes");
-  }
-  TORCH_CHECK(T < std::numeric_limits<int32_t>::max(), "wkv cpp kernel: T must be < 2^31");
+  wkv_bind::check(xs, T, c10::DeviceType::CPU, "cpp");
 }
-
-template <typename F>
-const F* in(const at::Tensor& x) { return x.data_ptr<F>(); }
-
-template <typename F>
-F* out(at::Tensor& x) { return x.data_ptr<F>(); }
 
 // y and the outgoing state (a, b, p) for k, v (B, T, C) from the incoming state (B, C).
 std::vector<at::Tensor> forward(at::Tensor w, at::Tensor u, at::Tensor k, at::Tensor v,

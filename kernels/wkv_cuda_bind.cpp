@@ -2,6 +2,8 @@
 // dispatch and the current stream; the kernels themselves are in wkv_cuda.cu (no torch there).
 #include <torch/extension.h>
 
+#include "wkv_bind.h"
+
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -34,21 +36,12 @@ void wkv_cuda_backward(int64_t B, int64_t T, int64_t C, const double* w, const d
 
 namespace {
 
+using wkv_bind::in;
+using wkv_bind::out;
+
 void check(const std::vector<at::Tensor>& xs, int64_t T) {
-  for (const auto& x : xs) {
-    TORCH_CHECK(x.is_cuda(), "wkv cuda kernel: tensors must be on a CUDA device");
-    TORCH_CHECK(x.device() == xs[0].device(), "wkv cuda kernel: tensors on different devices");
-    TORCH_CHECK(x.is_contiguous(), "wkv cuda kernel: tensors must be contiguous");
-    TORCH_CHECK(x.scalar_type() == xs[0].scalar_type(), "wkv cuda kernel: mixed dtypes");
-  }
-  TORCH_CHECK(T < std::numeric_limits<int32_t>::max(), "wkv cuda kernel: T must be < 2^31");
+  wkv_bind::check(xs, T, c10::DeviceType::CUDA, "cuda");
 }
-
-template <typename F>
-const F* in(const at::Tensor& x) { return x.data_ptr<F>(); }
-
-template <typename F>
-F* out(at::Tensor& x) { return x.data_ptr<F>(); }
 
 // y and the outgoing state (a, b, p) for k, v (B, T, C) from the incoming state (B, C).
 std::vector<at::Tensor> forward(at::Tensor w, at::Tensor u, at::Tensor k, at::Tensor v,

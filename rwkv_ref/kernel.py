@@ -27,8 +27,8 @@ from rwkv_ref.wkv import WKVState
 
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
 _SOURCES = {
-    "cpp": ("wkv_scan.h", "wkv_cpu.cpp"),
-    "cuda": ("wkv_scan.h", "wkv_cuda.cu", "wkv_cuda_bind.cpp"),
+    "cpp": ("wkv_scan.h", "wkv_bind.h", "wkv_cpu.cpp"),
+    "cuda": ("wkv_scan.h", "wkv_bind.h", "wkv_cuda.cu", "wkv_cuda_bind.cpp"),
 }
 # No -march=native: the build cache may be shared by machines with different CPUs (a home
 # directory on a cluster), and a binary for the newest CPU dies of SIGILL on an older one.

@@ -109,7 +109,8 @@ def test_failed_build_reports_compiler_error(monkeypatch, tmp_path):
     """A source that does not compile gives a reason with the compiler's message, no raise."""
     src = tmp_path / "src"
     src.mkdir()
-    (src / "wkv_scan.h").write_text("")
+    for header in (f for f in kernel._SOURCES["cpp"] if f.endswith(".h")):
+        (src / header).write_text("")
     (src / "wkv_cpu.cpp").write_text("#error deliberately broken for this test\n")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
     monkeypatch.setattr(kernel, "KERNELS_DIR", src)
