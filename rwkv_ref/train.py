@@ -18,6 +18,7 @@ from a generator seeded with ``seed + rank``; DDP averages the gradients, so a s
 from __future__ import annotations
 
 import dataclasses
+import gc
 import difflib
 import json
 import math
@@ -793,23 +794,45 @@ def train(cfg: TrainConfig) -> TrainResult:
     """
     d = setup_distributed(cfg.device)
     threads = torch.get_num_threads()
+    finished = False
     try:
-        check_config(cfg, d.world_size)
-        torch.set_num_threads(cfg.num_threads or max(1, cpu_count() // d.local_world_size))
-        run = make_run(cfg, d)
-        if d.is_main:
-            run.out_dir.mkdir(parents=True, exist_ok=True)
-            print(f"training {cfg.model}: {num_params(run.model):,} parameters, "
-                  f"{d.world_size} process(es) on {d.device}, {torch.get_num_threads()} "
-                  f"thread(s) each, {run.tokens_per_step:,} tokens per step", flush=True)
-        with StopRequest(announce=d.is_main) as stop:
-            interrupted = train_loop(run, stop)
-        finish(run, interrupted)
-        return TrainResult(run.history, interrupted, num_params(run.model), run.out_dir)
+        result = _train(cfg, d)
+        finished = True
+        return result
     finally:
         torch.set_num_threads(threads)          # as it was: train() may be one call of many
         if dist.is_initialized():
-            dist.destroy_process_group()
+            close_distributed(finished)
+
+
+def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
+    """``train`` once the processes are set up; the model dies with this frame."""
+    check_config(cfg, d.world_size)
+    torch.set_num_threads(cfg.num_threads or max(1, cpu_count() // d.local_world_size))
+    run = make_run(cfg, d)
+    if d.is_main:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"training {cfg.model}: {num_params(run.model):,} parameters, "
+              f"{d.world_size} process(es) on {d.device}, {torch.get_num_threads()} "
+              f"thread(s) each, {run.tokens_per_step:,} tokens per step", flush=True)
+    with StopRequest(announce=d.is_main) as stop:
+        interrupted = train_loop(run, stop)
+    finish(run, interrupted)
+    return TrainResult(run.history, interrupted, num_params(run.model), run.out_dir)
+
+
+def close_distributed(finished: bool) -> None:
+    """Tear the process group down in step on every rank.
+
+    The DDP wrapper keeps a reference to the process group, and its reference cycles can keep
+    it alive until the interpreter shuts down; gloo's worker threads dying then abort the
+    process ("terminate called without an active exception"). So: collect the wrapper first,
+    then (after a normal finish) wait for every rank, then destroy the group.
+    """
+    gc.collect()
+    if finished:
+        dist.barrier()                          # rank 0 may still be plotting and sampling
+    dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
