@@ -112,17 +112,18 @@ def per_token_times(decoders: dict, n_tokens: int, chunk: int = 8, warmup: int =
 
 
 class MatmulsOnly:
-    """Only the matrix-vector products of one RNN-mode token (same weights, same layout):
-    the part of ``step`` that no fusion of the small element-wise ops can remove."""
+    """Only the matrix-vector products of one RNN-mode token (same weights, same ``Linear``
+    modules, so the same kernel as ``step``): the part of the time that no fusion of the
+    small element-wise ops can remove."""
 
     def __init__(self, model: RWKV):
-        self.weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        self.inputs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in self.weights]
+        self.linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        self.inputs = [torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in self.linears]
 
     @torch.inference_mode()
     def __call__(self) -> None:
-        for x, w in zip(self.inputs, self.weights):
-            F.linear(x, w)
+        for x, linear in zip(self.inputs, self.linears):
+            linear(x)
 
 
 def load_official(path: str, strategy: str):

@@ -122,7 +122,7 @@ def model_from_state_dict(state_dict: dict, config: RWKVConfig,
     model = _meta_model(config)
     model.load_state_dict({k: v.to(dtype, copy=copy).contiguous() for k, v in state_dict.items()},
                           strict=True, assign=True)
-    return model.fast_layout_()
+    return model
 
 
 def save_blinkdl(model: RWKV, path, dtype: torch.dtype | None = None) -> None:
@@ -132,7 +132,7 @@ def save_blinkdl(model: RWKV, path, dtype: torch.dtype | None = None) -> None:
         model: an ``RWKV``.  path: file to write (the official loader wants a .pth suffix).
         dtype: storage dtype (None keeps the parameters' dtype).
     """
-    # row-major (.contiguous()), whatever layout the model keeps in memory (``fast_layout_``)
+    # row-major (.contiguous()), as the official loader expects, whatever the layout in memory
     sd = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
           for k, v in model.state_dict().items()}
     torch.save(sd, path)

@@ -1,9 +1,15 @@
-"""The compiled WKV kernel of ``kernels/``: built on first use, called through autograd.
+"""The compiled kernels of ``kernels/``, built on first use.
 
-Two builds of one scan body (``kernels/wkv_scan.h``): ``cpp`` for the CPU and ``cuda`` for
-the GPU, each with a hand-derived backward (the derivation is in the header). Both take the
-POSITIVE decay rate ``w = exp(time_decay)``; the official RWKV-4 kernel is handed
-``-exp(time_decay)`` instead.
+The WKV kernel: two builds of one scan body (``kernels/wkv_scan.h``), ``cpp`` for the CPU and
+``cuda`` for the GPU, each with a hand-derived backward (the derivation is in the header),
+called through autograd. Both take the POSITIVE decay rate ``w = exp(time_decay)``; the
+official RWKV-4 kernel is handed ``-exp(time_decay)`` instead.
+
+The ``rnn`` kernel (``kernels/rnn_cpu.cpp``), for RNN-mode inference on the CPU, where ~85%
+of a token's time is matrix-vector products (``benchmarks/bench_decode.py``): ``matvec``,
+``x @ w.T`` for a few rows of x with float32 or bfloat16 weights, reading each weight once
+(what ``rwkv_ref.model.Linear`` calls there), and ``block_step``, ``Block.step`` fused into
+one call. No autograd.
 
 Nothing is compiled when ``rwkv_ref`` is imported: the first ``unavailable_reason(name)`` or
 ``wkv_kernel(name, ...)`` builds the extension with ``torch.utils.cpp_extension.load`` into
@@ -29,10 +35,11 @@ KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
 _SOURCES = {
     "cpp": ("wkv_scan.h", "wkv_bind.h", "wkv_cpu.cpp"),
     "cuda": ("wkv_scan.h", "wkv_bind.h", "wkv_cuda.cu", "wkv_cuda_bind.cpp"),
+    "rnn": ("rnn_cpu.cpp",),
 }
 # No -march=native: the build cache may be shared by machines with different CPUs (a home
 # directory on a cluster), and a binary for the newest CPU dies of SIGILL on an older one.
-# wkv_cpu.cpp compiles its hot loops for three instruction sets instead and the loader picks
+# wkv_cpu.cpp and rnn_cpu.cpp compile their hot loops for three instruction sets instead and the loader picks
 # one. -fno-trapping-math lets GCC turn the scan's selects into vector blends (without it
 # nothing vectorises); -fopenmp makes at::parallel_for use threads (without it, one thread).
 _OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
@@ -45,12 +52,12 @@ _reasons: dict[str, str] = {}      # name -> why it cannot be used (remembered)
 
 
 def _build_name(name: str) -> str:
-    """``rwkv_wkv_<name>_<hash>``: the hash covers the sources, the flags and torch."""
+    """``rwkv_ref_<name>_<hash>``: the hash covers the sources, the flags and torch."""
     digest = hashlib.sha256()
     for file in _SOURCES[name]:
         digest.update((KERNELS_DIR / file).read_bytes())
     digest.update(repr((_CFLAGS, _LDFLAGS, _CUDA_FLAGS, torch.__version__)).encode())
-    return f"rwkv_wkv_{name}_{digest.hexdigest()[:12]}"
+    return f"rwkv_ref_{name}_{digest.hexdigest()[:12]}"
 
 
 def _missing_tool(name: str) -> str | None:
@@ -95,13 +102,13 @@ def _build(name: str):
 
 
 def unavailable_reason(name: str) -> str | None:
-    """None if kernel ``name`` ("cpp" or "cuda") can be used now, else why not.
+    """None if kernel ``name`` ("cpp", "cuda" or "rnn") can be used now, else why not.
 
     The first call for a name builds (or loads) the extension; the result, success or the
     reason for failure, is remembered for the rest of the process. Never raises.
     """
     if name not in _SOURCES:
-        return f"unknown kernel {name!r}; use 'cpp' or 'cuda'"
+        return f"unknown kernel {name!r}; use one of {', '.join(map(repr, _SOURCES))}"
     if name in _modules or name in _reasons:
         return _reasons.get(name)
     try:
@@ -111,7 +118,7 @@ def unavailable_reason(name: str) -> str | None:
     except Exception as error:  # noqa: BLE001 - a failed build is explained, not raised
         # torch's message ends with the compiler's output: keep its tail, where the error is
         tail = str(error).strip()[-3000:]
-        reason = f"building the {name} WKV kernel failed ({type(error).__name__}): {tail}"
+        reason = f"building the {name} kernel failed ({type(error).__name__}): {tail}"
     if reason is not None:
         _reasons[name] = reason
     return reason
@@ -126,7 +133,7 @@ def extension(name: str):
     """
     reason = unavailable_reason(name)
     if reason is not None:
-        raise RuntimeError(f"rwkv_ref: the {name} WKV kernel is unavailable: {reason}")
+        raise RuntimeError(f"rwkv_ref: the {name} kernel is unavailable: {reason}")
     return _modules[name]
 
 
@@ -169,3 +176,78 @@ def wkv_kernel(name: str, w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKV
     args = [x.to(dtype).contiguous() for x in (w, u, k, v, *state)]
     y, a, b, p = _WKVFunction.apply(module, *args)
     return y, WKVState(a, b, p)
+
+
+# ----------------------------------------------------------------------------- RNN mode
+
+RNN_MAX_BATCH = 16              # rows per call (kernels/rnn_cpu.cpp's kMaxBatch)
+RNN_DTYPES = (torch.float32, torch.bfloat16)
+# False: RNN mode runs on PyTorch ops only (to compare, or to step through Block.step).
+RNN_KERNEL = os.environ.get("RWKV_REF_RNN_KERNEL", "1") != "0"
+
+
+def rnn_applies(x: Tensor, w: Tensor) -> bool:
+    """Whether the ``rnn`` kernel can take inputs x (B, C) with weights like w: B <= 16, both
+    on the CPU, w float32 or bfloat16 and row-major, no gradient needed, and the kernel
+    builds. Cheap checks first: a training step never builds the kernel. ``RNN_KERNEL = False``
+    (or ``RWKV_REF_RNN_KERNEL=0`` in the environment) turns the kernel off."""
+    return (RNN_KERNEL and x.dim() == 2 and x.shape[0] <= RNN_MAX_BATCH and x.device.type == "cpu"
+            and w.dtype in RNN_DTYPES and w.device.type == "cpu" and w.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and unavailable_reason("rnn") is None)
+
+
+def matvec(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w.T`` by the compiled kernel, summed in float32; the result in x's dtype.
+
+    Args:
+        x: (B, K), B <= 16, any float dtype (converted to float32 for the sums).
+        w: (N, K) float32 or bfloat16, contiguous.
+    Returns:
+        (B, N). Not differentiable: use ``F.linear`` where a gradient is needed.
+    Raises:
+        RuntimeError: the kernel is unavailable (the message says why), or bad shapes.
+    """
+    y = extension("rnn").linear(x.to(torch.float32).contiguous(), w)
+    return y.to(x.dtype)
+
+
+def _block_tensors(block) -> tuple[list[Tensor], list[Tensor]]:
+    """The (C,) parameters and the seven matrices of a block, in block_step's order."""
+    att, ffn = block.att, block.ffn
+    params = [block.ln1.weight, block.ln1.bias, block.ln2.weight, block.ln2.bias,
+              att.time_mix_k, att.time_mix_v, att.time_mix_r, ffn.time_mix_k, ffn.time_mix_r]
+    matrices = [att.receptance.weight, att.key.weight, att.value.weight, att.output.weight,
+                ffn.key.weight, ffn.receptance.weight, ffn.value.weight]
+    return params, matrices
+
+
+def block_step_applies(block, x: Tensor) -> bool:
+    """Whether ``block_step(block, x, state)`` can stand in for ``block.step``: as
+    ``rnn_applies``, and every parameter of the block in one dtype, row-major."""
+    params, matrices = _block_tensors(block)
+    dtype = matrices[0].dtype
+    return (block.ln1.eps == block.ln2.eps
+            and all(t.dtype == dtype and t.is_contiguous() for t in (*params, *matrices))
+            and rnn_applies(x, matrices[0]))
+
+
+def block_step(block, x: Tensor, state):
+    """``block.step(x, state)`` (after ``ln0``) in one compiled call; see kernels/rnn_cpu.cpp.
+
+    Args:
+        block: a ``rwkv_ref.model.Block`` with float32 or bfloat16 parameters.
+        x: (B, C), B <= 16.  state: the block's ``LayerState``.
+    Returns:
+        x (B, C) and the ``LayerState`` after this token: x, att_x, ffn_x in x's dtype, the
+        WKV state in float32, as ``Block.step`` returns them.
+    """
+    params, matrices = _block_tensors(block)
+    att = block.att
+    f32 = [t.to(torch.float32).contiguous()
+           for t in (x, state.att_x, *state.wkv, state.ffn_x)]
+    x_out, att_x, a, b, p, ffn_x = extension("rnn").block_step(
+        *f32, [t.reshape(-1) for t in params], matrices,
+        att.time_decay.float().exp(), att.time_first.float(), block.ln1.eps)
+    dtype = x.dtype
+    return x_out.to(dtype), type(state).from_tensors(att_x.to(dtype), a, b, p, ffn_x.to(dtype))

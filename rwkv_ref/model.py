@@ -30,7 +30,8 @@ state, at t = 0), and ``mix(x, x_prev, μ) = μ·x + (1-μ)·x_prev``.
 
 GPT mode ``model(idx, state)`` runs all T tokens at once (WKV by ``config.wkv_impl``); RNN mode
 ``model.step(token, state)`` runs one token with ``wkv_step``. Both return the state after the
-last token and never modify the state they are given.
+last token and never modify the state they are given. In RNN mode without autograd on the
+CPU, the matrix-vector products go to a compiled kernel (``Linear``); nothing else differs.
 """
 from __future__ import annotations
 
@@ -39,8 +40,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
+from rwkv_ref import kernel
 from rwkv_ref.state import LayerState, RWKVState
 from rwkv_ref.wkv import WKV_IMPLS, WKVState, wkv, wkv_step
 
@@ -106,6 +109,27 @@ def wkv_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------- modules
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` without a bias, whose matrix-vector products take the fast road.
+
+    Decoding one token reads every weight once (two flops per weight), so RNN mode is bound by
+    memory bandwidth. For a few input rows, on the CPU, without autograd, ``forward`` calls the
+    compiled ``rwkv_ref.kernel.matvec`` (``kernels/rnn_cpu.cpp``), which streams the weight
+    once at close to the machine's read bandwidth; torch's general kernel reaches about half of
+    it on these shapes, and much less for bf16 (``benchmarks/bench_decode.py``). The result is
+    ``F.linear(x, weight)`` up to float32 rounding. Everything else (training, GPT mode,
+    the GPU, or no C++ compiler) uses ``F.linear``.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if kernel.rnn_applies(x, self.weight):
+            return kernel.matvec(x, self.weight)
+        return F.linear(x, self.weight)
+
+
 class TimeMixing(nn.Module):
     """``att``: ``out = W_o (σ(r) ⊙ wkv(w, u, k, v))`` with r, k, v from token-shifted inputs."""
 
@@ -117,10 +141,10 @@ class TimeMixing(nn.Module):
         self.time_mix_k = nn.Parameter(torch.empty(1, 1, C))
         self.time_mix_v = nn.Parameter(torch.empty(1, 1, C))
         self.time_mix_r = nn.Parameter(torch.empty(1, 1, C))
-        self.key = nn.Linear(C, A, bias=False)
-        self.value = nn.Linear(C, A, bias=False)
-        self.receptance = nn.Linear(C, A, bias=False)
-        self.output = nn.Linear(A, C, bias=False)
+        self.key = Linear(C, A)
+        self.value = Linear(C, A)
+        self.receptance = Linear(C, A)
+        self.output = Linear(A, C)
 
     def _rkv(self, x: Tensor, x_prev: Tensor):
         """Receptance, key and value of x (..., C): three (..., A) tensors, k and v in the
@@ -166,9 +190,9 @@ class ChannelMixing(nn.Module):
         C, F_ = config.n_embd, config.dim_ffn
         self.time_mix_k = nn.Parameter(torch.empty(1, 1, C))
         self.time_mix_r = nn.Parameter(torch.empty(1, 1, C))
-        self.key = nn.Linear(C, F_, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(F_, C, bias=False)
+        self.key = Linear(C, F_)
+        self.receptance = Linear(C, C)
+        self.value = Linear(F_, C)
 
     def forward(self, x: Tensor, x_prev: Tensor) -> Tensor:
         """Both modes. Args: x, x_prev (..., C). Returns: (..., C)."""
@@ -202,9 +226,14 @@ class Block(nn.Module):
         return x, LayerState(xa[:, -1], wkv_state, xf[:, -1])
 
     def step(self, x: Tensor, state: LayerState):
-        """RNN mode. Args: x (B, C); this layer's state. Returns: x (B, C), new state."""
+        """RNN mode. Args: x (B, C); this layer's state. Returns: x (B, C), new state.
+
+        Inference on the CPU runs these lines as one compiled call instead
+        (``rwkv_ref.kernel.block_step``, held to this code by tests/test_model.py)."""
         if self.layer_id == 0:
             x = self.ln0(x)
+        if kernel.block_step_applies(self, x):
+            return kernel.block_step(self, x, state)
         xa = self.ln1(x)                                                     # (B, C)
         out, wkv_state = self.att.step(xa, state.att_x, state.wkv)
         x = x + out
@@ -267,9 +296,8 @@ class RWKV(nn.Module):
         self.emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.head = Linear(config.n_embd, config.vocab_size)
         self.init_weights()
-        self.fast_layout_()
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -290,25 +318,6 @@ class RWKV(nn.Module):
                 block.get_parameter(name).copy_(value)
         nn.init.uniform_(self.emb.weight, -1e-4, 1e-4)
         nn.init.orthogonal_(self.head.weight, gain=0.5 * matrix_gain(*self.head.weight.shape))
-
-    @torch.no_grad()
-    def fast_layout_(self) -> "RWKV":
-        """Store each matrix ``W`` (out, in) in the memory order the CPU reads fastest in
-        RNN mode: column-major (the contiguous (in, out) transpose) for float32/float64,
-        row-major for bf16/fp16. Shapes, values and names do not change.
-
-        Why: RNN mode reads every matrix once per token in a matrix-vector product; MKL's
-        float32 kernel runs about 1.5-2x faster on the transposed order, the bf16 one prefers
-        the usual order (benchmarks/bench_decode.py). Batched GPT-mode products run at the
-        same speed either way. Called at construction and by ``from_blinkdl``; call it again
-        after changing the dtype.
-        """
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                w = module.weight.data
-                wide = w.dtype in (torch.float32, torch.float64)
-                module.weight.data = w.t().contiguous().t() if wide else w.contiguous()
-        return self
 
     def num_params(self, non_embedding: bool = False) -> int:
         """The number of parameters (without ``emb`` when ``non_embedding``)."""

@@ -363,6 +363,7 @@ def test_state_helpers(small):
         assert bool((empty.layers[0].wkv.b == 0).all())
     with pytest.raises(ValueError, match="layer counts"):
         RWKVState.cat([state, RWKVState(state.layers[:1])])
+    assert RWKVState.stack is RWKVState.cat
 
 
 def test_gpt_mode_is_differentiable():
@@ -390,21 +391,3 @@ def test_bfloat16_model_runs_both_modes():
     assert gpt.dtype == torch.bfloat16 and state.layers[0].wkv.a.dtype == torch.float32
     assert_close_rel(gpt.float(), ref, rel=0.1)
     assert_close_rel(rnn.float(), gpt.float(), rel=0.1)
-
-
-def test_fast_layout_keeps_values_and_names():
-    cfg = RWKVConfig(vocab_size=12, n_layer=2, n_embd=8, wkv_impl="parallel")
-    model = random_model(cfg, seed=15)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    idx = tokens(cfg, 1, 5, seed=16)
-    with torch.no_grad():
-        logits, _ = model(idx)
-    model.fast_layout_()
-    assert model.head.weight.t().is_contiguous()                  # float32: column-major
-    for k, v in model.state_dict().items():
-        assert v.shape == before[k].shape and torch.equal(v, before[k]), k
-    half = random_model(cfg, seed=15, dtype=torch.bfloat16)
-    assert half.head.weight.is_contiguous()                       # bf16: row-major
-    with torch.no_grad():
-        torch.testing.assert_close(model(idx)[0], logits)
-    assert RWKVState.stack is RWKVState.cat
