@@ -25,7 +25,7 @@ os.environ.setdefault("RWKV_CUDA_ON", "0")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from rwkv_ref import RWKV, RWKVConfig  # noqa: E402
+from rwkv_ref import RWKV, RWKVConfig, kernel  # noqa: E402
 from rwkv_ref.convert import model_from_state_dict, random_state_dict  # noqa: E402
 
 PILE_169M = RWKVConfig(vocab_size=50277, n_layer=12, n_embd=768, wkv_impl="parallel")
@@ -81,6 +81,30 @@ class OursDecoder:
     def __call__(self) -> None:
         logits, self.state = self.model.step(self.token, self.state)
         self.token = logits.argmax(-1)
+
+
+class TorchOpsDecoder(OursDecoder):
+    """The same, on PyTorch ops only (``kernel.RNN_KERNEL = False``): what the kernel buys."""
+
+    def __call__(self) -> None:
+        kernel.RNN_KERNEL = False
+        try:
+            super().__call__()
+        finally:
+            kernel.RNN_KERNEL = True
+
+
+class ReadWeightsOnce:
+    """Every weight a token reads, read once by ``torch.sum`` (all parameters but ``emb``): the
+    speed of the memory system on these very tensors, a floor nearer the truth than a copy."""
+
+    def __init__(self, model: RWKV):
+        self.tensors = [p for name, p in model.named_parameters() if name != "emb.weight"]
+
+    @torch.inference_mode()
+    def __call__(self) -> None:
+        for t in self.tensors:
+            t.sum()
 
 
 class OfficialDecoder:
@@ -148,13 +172,14 @@ def decode_table(n_tokens: int, bandwidth: float) -> None:
         print(f"\n169M shape (12 x 768, vocab 50277), random weights, batch 1: {n_tokens} tokens "
               "each after a 4-token prompt, interleaved in chunks of 8; tok/s = 1 / median "
               "time per token")
-        print(f"{'weights':<9} {'rwkv_ref tok/s':>15} {'official tok/s':>15} {'ratio':>6} "
-              f"{'floor tok/s':>12} {'rwkv_ref/floor':>15}")
+        print(f"{'weights':<9} {'rwkv_ref':>9} {'torch ops':>10} {'official':>9} {'ratio':>6} "
+              f"{'floor':>7} {'of floor':>9} {'read-once':>10} {'of it':>6}   (tok/s)")
         shares = []                 # matmul time / step time, per dtype
         for dtype, strategy in ((torch.float32, "cpu fp32"), (torch.bfloat16, "cpu bf16")):
             ours = model_from_state_dict(sd, PILE_169M, dtype=dtype).eval()
             official = load_official(path, strategy)
-            decoders = {"ours": OursDecoder(ours), "matmuls": MatmulsOnly(ours)}
+            decoders = {"ours": OursDecoder(ours), "torch": TorchOpsDecoder(ours),
+                        "matmuls": MatmulsOnly(ours), "read": ReadWeightsOnce(ours)}
             if not isinstance(official, str):
                 decoders["official"] = OfficialDecoder(official)
             speed = {name: 1 / statistics.median(t)
@@ -162,16 +187,20 @@ def decode_table(n_tokens: int, bandwidth: float) -> None:
             floor = bandwidth / bytes_per_token(ours)
             name = str(dtype).removeprefix("torch.")
             theirs = speed.get("official")
-            theirs_txt = f"{theirs:15.2f}" if theirs else f"{'(failed)':>15}"
+            theirs_txt = f"{theirs:9.2f}" if theirs else f"{'(failed)':>9}"
             ratio = f"{speed['ours'] / theirs:6.2f}" if theirs else f"{'-':>6}"
-            print(f"{name:<9} {speed['ours']:15.2f} {theirs_txt} {ratio} {floor:12.2f} "
-                  f"{speed['ours'] / floor:15.0%}")
+            print(f"{name:<9} {speed['ours']:9.2f} {speed['torch']:10.2f} {theirs_txt} {ratio} "
+                  f"{floor:7.2f} {speed['ours'] / floor:9.0%} {speed['read']:10.2f} "
+                  f"{speed['ours'] / speed['read']:6.0%}")
             if isinstance(official, str):
                 print(f"          official '{strategy}' did not run: {official}")
             shares.append(f"{name} {speed['ours'] / speed['matmuls']:.0%}")
             del ours, official, decoders
+        print("rwkv_ref: the RNN kernel (kernels/rnn_cpu.cpp); torch ops: the same model with "
+              "kernel.RNN_KERNEL = False;\nratio: rwkv_ref / official; floor: bandwidth / bytes "
+              "read per token; read-once: torch.sum over the same weights, once per token")
         print(f"profile: the matrix-vector products alone take {', '.join(shares)} of "
-              "rwkv_ref's time per token; the rest is ~40 small element-wise ops per layer")
+              "rwkv_ref's time per token")
 
 
 # ----------------------------------------------------------------------------- constant cost

@@ -13,8 +13,11 @@
 //
 // Weights in float32 or bfloat16 (bf16 -> f32 is a 16-bit shift, so bf16 weights halve the
 // bytes read at no cost in arithmetic); inputs are converted to float32 by the caller
-// (rwkv_ref/kernel.py), the output is float32. Like wkv_cpu.cpp the hot loop is compiled for
-// AVX-512, AVX2 and baseline x86-64, and the loader picks the best one the CPU has.
+// (rwkv_ref/kernel.py), the output is float32. The row loops are compiled for several
+// instruction sets and the loader picks the best one the CPU has: AVX2 (x86-64-v3) or
+// baseline for float32, which AVX-512 does not read any faster (on the AMD EPYC of
+// kernels/README.md its build streamed float32 weights at ~88% of the AVX2 build's rate);
+// AVX-512 (x86-64-v4) too for bf16, where the conversions make it ~15% faster.
 //
 // 2. block_step(...): Block.step of rwkv_ref/model.py for one token, in one call.
 //
@@ -35,10 +38,12 @@
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)
-#define MATVEC_CLONES \
+#define F32_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define BF16_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
-#define MATVEC_CLONES
+#define F32_CLONES
+#define BF16_CLONES
 #endif
 // The row loop must be inlined into each clone, or it is compiled once, for the baseline.
 #define MATVEC_INLINE inline __attribute__((always_inline))
@@ -46,6 +51,7 @@
 namespace {
 
 constexpr int kLanes = 32;  // float32 partial sums per row: two AVX-512 or four AVX2 registers
+constexpr int kLanesBf16 = 16;  // bf16 pairs per row: measured faster than 32 or 64
 constexpr int kMaxBatch = 16;
 
 MATVEC_INLINE float as_float(uint32_t bits) {
@@ -55,7 +61,7 @@ MATVEC_INLINE float as_float(uint32_t bits) {
 }
 
 // y[b, n] = sum_k w[n, k] x[b, k] for the rows n in [n0, n1) and all B inputs; float32 w.
-MATVEC_CLONES void rows_f32(const float* w, const float* x, float* y, int64_t B, int64_t N,
+F32_CLONES void rows_f32(const float* w, const float* x, float* y, int64_t B, int64_t N,
                             int64_t K, int64_t n0, int64_t n1) {
   const int64_t k_main = K / kLanes * kLanes;
   for (int64_t n = n0; n < n1; ++n) {
@@ -79,25 +85,26 @@ MATVEC_CLONES void rows_f32(const float* w, const float* x, float* y, int64_t B,
 // the pair's low half is w[n, 2i], a float once shifted up by 16 bits, and its high half is
 // w[n, 2i+1], a float once the low half is masked off. xe, xo: (B, K/2) the even and odd
 // columns of x. Two cheap integer ops per two weights, no widening shuffles.
-MATVEC_CLONES void rows_bf16(const uint16_t* w, const float* xe, const float* xo, const float* x,
+BF16_CLONES void rows_bf16(const uint16_t* w, const float* xe, const float* xo, const float* x,
                              float* y, int64_t B, int64_t N, int64_t K, int64_t n0, int64_t n1) {
-  const int64_t H = K / 2, h_main = H / kLanes * kLanes;
+  const int64_t H = K / 2, h_main = H / kLanesBf16 * kLanesBf16;
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* row = w + n * K;
     for (int64_t b = 0; b < B; ++b) {
       const float *e = xe + b * H, *o = xo + b * H;
-      float lanes[kLanes] = {};
-      for (int64_t h = 0; h < h_main; h += kLanes) {
+      float lanes[kLanesBf16] = {};
+      for (int64_t h = 0; h < h_main; h += kLanesBf16) {
 #pragma omp simd
-        for (int j = 0; j < kLanes; ++j) {
+        for (int j = 0; j < kLanesBf16; ++j) {
           uint32_t pair;
           std::memcpy(&pair, row + 2 * (h + j), sizeof pair);
           lanes[j] += as_float(pair << 16) * e[h + j] + as_float(pair & 0xFFFF0000u) * o[h + j];
         }
       }
       float sum = 0.0f;
-      for (int64_t k = 2 * h_main; k < K; ++k) sum += as_float(uint32_t{row[k]} << 16) * x[b * K + k];
-      for (int j = 0; j < kLanes; ++j) sum += lanes[j];
+      for (int64_t k = 2 * h_main; k < K; ++k)
+        sum += as_float(uint32_t{row[k]} << 16) * x[b * K + k];
+      for (int j = 0; j < kLanesBf16; ++j) sum += lanes[j];
       y[b * N + n] = sum;
     }
   }

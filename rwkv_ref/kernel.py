@@ -39,8 +39,8 @@ _SOURCES = {
 }
 # No -march=native: the build cache may be shared by machines with different CPUs (a home
 # directory on a cluster), and a binary for the newest CPU dies of SIGILL on an older one.
-# wkv_cpu.cpp and rnn_cpu.cpp compile their hot loops for three instruction sets instead and the loader picks
-# one. -fno-trapping-math lets GCC turn the scan's selects into vector blends (without it
+# wkv_cpu.cpp and rnn_cpu.cpp compile their hot loops for several instruction sets instead and
+# the loader picks one. -fno-trapping-math lets GCC turn the scan's selects into vector blends (without it
 # nothing vectorises); -fopenmp makes at::parallel_for use threads (without it, one thread).
 _OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 _CFLAGS = ["-O3", "-fno-trapping-math", *_OPENMP]
