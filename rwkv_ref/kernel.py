@@ -5,7 +5,7 @@ The WKV kernel: two builds of one scan body (``kernels/wkv_scan.h``), ``cpp`` fo
 called through autograd. Both take the POSITIVE decay rate ``w = exp(time_decay)``; the
 official RWKV-4 kernel is handed ``-exp(time_decay)`` instead.
 
-The ``rnn`` kernel (``kernels/rnn_cpu.cpp``), for RNN-mode inference on the CPU, where ~85%
+The ``rnn`` kernel (``kernels/rnn_cpu.cpp``), for RNN-mode inference on the CPU, where 80-90%
 of a token's time is matrix-vector products (``benchmarks/bench_decode.py``): ``matvec``,
 ``x @ w.T`` for a few rows of x with float32 or bfloat16 weights, reading each weight once
 (what ``rwkv_ref.model.Linear`` calls there), and ``block_step``, ``Block.step`` fused into
@@ -95,10 +95,24 @@ def _build(name: str):
 
     sources = [str(KERNELS_DIR / f) for f in _SOURCES[name] if not f.endswith(".h")]
     cuda = name == "cuda"
+    if not _is_built(_build_name(name)):       # a wait of half a minute deserves a word
+        print(f"rwkv_ref: compiling the {name} kernel (once per version of its sources; "
+              "about 30 s)", file=sys.stderr, flush=True)
     return cpp_extension.load(
         name=_build_name(name), sources=sources, extra_cflags=["-O3"] if cuda else _CFLAGS,
         extra_ldflags=[] if cuda else _LDFLAGS, extra_cuda_cflags=_CUDA_FLAGS,
         extra_include_paths=[str(KERNELS_DIR)], with_cuda=cuda, verbose=False)
+
+
+def _is_built(build_name: str) -> bool:
+    """Whether torch's extension cache already holds a build of that name (best effort)."""
+    from torch.utils import cpp_extension
+
+    try:
+        folder = cpp_extension._get_build_directory(build_name, verbose=False)
+    except Exception:  # noqa: BLE001 - a private helper of torch's; assume not built
+        return False
+    return os.path.exists(os.path.join(folder, f"{build_name}.so"))
 
 
 def unavailable_reason(name: str) -> str | None:
