@@ -1,7 +1,8 @@
 """RNN-mode decoding on the CPU: rwkv_ref (with its ``rnn`` kernel, and on PyTorch ops only)
 against the official ``rwkv`` package and against two floors (the copy bandwidth over the
-weight bytes read per token, and ``torch.sum`` reading the same weights); then the paper's Figure 7 in miniature (constant cost per token
-for RWKV, growing cost for a GPT with a KV cache).
+weight bytes read per token, and ``torch.sum`` reading the same weights); then the paper's
+Figure 7 in miniature (constant cost per token for RWKV, growing cost for a GPT with a KV
+cache).
 
     python -m benchmarks.bench_decode [--tokens 32] [--threads 1] [--positions 10000]
 

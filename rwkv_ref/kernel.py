@@ -40,8 +40,9 @@ _SOURCES = {
 # No -march=native: the build cache may be shared by machines with different CPUs (a home
 # directory on a cluster), and a binary for the newest CPU dies of SIGILL on an older one.
 # wkv_cpu.cpp and rnn_cpu.cpp compile their hot loops for several instruction sets instead and
-# the loader picks one. -fno-trapping-math lets GCC turn the scan's selects into vector blends (without it
-# nothing vectorises); -fopenmp makes at::parallel_for use threads (without it, one thread).
+# the loader picks one. -fno-trapping-math lets GCC turn the scan's selects into vector blends
+# (without it nothing vectorises); -fopenmp makes at::parallel_for use threads (without it,
+# one thread).
 _OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 _CFLAGS = ["-O3", "-fno-trapping-math", *_OPENMP]
 _LDFLAGS = _OPENMP
@@ -205,8 +206,9 @@ def rnn_applies(x: Tensor, w: Tensor) -> bool:
     on the CPU, w float32 or bfloat16 and row-major, no gradient needed, and the kernel
     builds. Cheap checks first: a training step never builds the kernel. ``RNN_KERNEL = False``
     (or ``RWKV_REF_RNN_KERNEL=0`` in the environment) turns the kernel off."""
-    return (RNN_KERNEL and x.dim() == 2 and x.shape[0] <= RNN_MAX_BATCH and x.device.type == "cpu"
-            and w.dtype in RNN_DTYPES and w.device.type == "cpu" and w.is_contiguous()
+    return (RNN_KERNEL and x.dim() == 2 and x.shape[0] <= RNN_MAX_BATCH
+            and x.device.type == "cpu" and w.device.type == "cpu"
+            and w.dtype in RNN_DTYPES and w.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
             and unavailable_reason("rnn") is None)
 

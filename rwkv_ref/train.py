@@ -18,8 +18,8 @@ from a generator seeded with ``seed + rank``; DDP averages the gradients, so a s
 from __future__ import annotations
 
 import dataclasses
-import gc
 import difflib
+import gc
 import json
 import math
 import os
