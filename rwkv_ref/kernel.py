@@ -43,10 +43,11 @@ _SOURCES = {
 # the loader picks one. -fno-trapping-math lets GCC turn the scan's selects into vector blends
 # (without it nothing vectorises); -fopenmp makes at::parallel_for use threads (without it,
 # one thread).
-_OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
-_CFLAGS = ["-O3", "-fno-trapping-math", *_OPENMP]
+# Tuples: torch's loader appends to the lists it is given, which would change the hash below.
+_OPENMP = ("-fopenmp",) if sys.platform.startswith("linux") else ()
+_CFLAGS = ("-O3", "-fno-trapping-math", *_OPENMP)
 _LDFLAGS = _OPENMP
-_CUDA_FLAGS = ["-O3"]
+_CUDA_FLAGS = ("-O3",)
 
 _modules: dict[str, object] = {}   # name -> loaded extension
 _reasons: dict[str, str] = {}      # name -> why it cannot be used (remembered)
@@ -100,8 +101,8 @@ def _build(name: str):
         print(f"rwkv_ref: compiling the {name} kernel (once per version of its sources; "
               "about 30 s)", file=sys.stderr, flush=True)
     return cpp_extension.load(
-        name=_build_name(name), sources=sources, extra_cflags=["-O3"] if cuda else _CFLAGS,
-        extra_ldflags=[] if cuda else _LDFLAGS, extra_cuda_cflags=_CUDA_FLAGS,
+        name=_build_name(name), sources=sources, extra_cflags=["-O3"] if cuda else list(_CFLAGS),
+        extra_ldflags=[] if cuda else list(_LDFLAGS), extra_cuda_cflags=list(_CUDA_FLAGS),
         extra_include_paths=[str(KERNELS_DIR)], with_cuda=cuda, verbose=False)
 
 

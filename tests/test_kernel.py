@@ -94,6 +94,17 @@ def test_import_builds_nothing():
     assert out.stdout.strip() == "0 False"
 
 
+def test_building_one_kernel_does_not_rename_another():
+    """Each build's name hashes the flags; loading one kernel must not change them (torch's
+    loader appends to the flag lists it is given), or the next kernel rebuilds under a new
+    name in every process."""
+    code = ("from rwkv_ref import kernel; before = kernel._build_name('rnn'); "
+            "assert kernel.unavailable_reason('cpp') is None, 'cpp'; "
+            "print(before == kernel._build_name('rnn'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
 def test_unavailable_reason_never_raises_and_explains():
     assert "unknown kernel" in kernel.unavailable_reason("fortran")
     if not torch.cuda.is_available():
