@@ -25,8 +25,9 @@
 // element-wise torch ops per block (LayerNorms, token-shift mixes, the WKV update, gates), each
 // costing microseconds of dispatch for a few thousand flops: ~15% of the time of a 169M model.
 // block_step does the same arithmetic as Block.step, line by line (the Python names are used
-// below), in float32, calling linear's row loop for the seven products. The tests hold it to
-// Block.step; the Python code stays the definition.
+// below), in float32, calling linear's row loop for the seven products and the WKV scan's
+// forward (wkv_scan.h) for the WKV update. The tests hold it to Block.step; the Python code
+// stays the definition.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -36,6 +37,8 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
+
+#include "wkv_scan.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)
 #define F32_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -242,7 +245,8 @@ std::vector<at::Tensor> block_step(const at::Tensor& x_in, const at::Tensor& att
              b_out = at::empty({B, A}, opts), p_out = at::empty({B, A}, opts);
   float *x = x_out.data_ptr<float>(), *xa = xa_out.data_ptr<float>();
   float *xf = xf_out.data_ptr<float>();
-  std::vector<float> xr(B * C), xk(B * C), xv(B * C), r, k, v, gated(B * A), out;
+  std::vector<float> xr(B * C), xk(B * C), xv(B * C), r, k, v, wkv_y(B * A), gated(B * A),
+      out;
 
   // att: xa = ln1(x); r, k, v from the token-shifted mixes
   for (int64_t i = 0; i < B; ++i) {
@@ -257,18 +261,13 @@ std::vector<at::Tensor> block_step(const at::Tensor& x_in, const at::Tensor& att
   product(matrices[0], xr, r, B);
   product(matrices[1], xk, k, B);
   product(matrices[2], xv, v, B);
-  // wkv_step: read the output with the bonus u, then write the token into the decayed state
+  // wkv_step: one token of the WKV scan's own forward (wkv_scan.h), channel by channel
   float *a2 = a_out.data_ptr<float>(), *b2 = b_out.data_ptr<float>(), *p2 = p_out.data_ptr<float>();
   for (int64_t j = 0; j < B * A; ++j) {
     const int64_t c = j % A;
-    const float uk = u[c] + k[j], q = std::max(p[j], uk);
-    const float e1 = std::exp(p[j] - q), e2 = std::exp(uk - q);
-    gated[j] = sigmoid(r[j]) * (e1 * a[j] + e2 * v[j]) / (e1 * b[j] + e2);
-    const float decayed = p[j] - w[c], q2 = std::max(decayed, k[j]);
-    const float f1 = std::exp(decayed - q2), f2 = std::exp(k[j] - q2);
-    a2[j] = f1 * a[j] + f2 * v[j];
-    b2[j] = f1 * b[j] + f2;
-    p2[j] = q2;
+    wkv::forward_scan<float, 1>(1, A, w + c, u + c, &k[j], &v[j], a + j, b + j, p + j, &wkv_y[j],
+                                a2 + j, b2 + j, p2 + j);
+    gated[j] = sigmoid(r[j]) * wkv_y[j];
   }
   product(matrices[3], gated, out, B);
   for (int64_t j = 0; j < B * C; ++j) x[j] = x0[j] + out[j];

@@ -35,7 +35,7 @@ KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
 _SOURCES = {
     "cpp": ("wkv_scan.h", "wkv_bind.h", "wkv_cpu.cpp"),
     "cuda": ("wkv_scan.h", "wkv_bind.h", "wkv_cuda.cu", "wkv_cuda_bind.cpp"),
-    "rnn": ("rnn_cpu.cpp",),
+    "rnn": ("wkv_scan.h", "rnn_cpu.cpp"),
 }
 # No -march=native: the build cache may be shared by machines with different CPUs (a home
 # directory on a cluster), and a binary for the newest CPU dies of SIGILL on an older one.
