@@ -28,7 +28,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from rwkv_ref import RWKV, RWKVConfig, kernel  # noqa: E402
-from rwkv_ref.convert import model_from_state_dict, random_state_dict  # noqa: E402
+from rwkv_ref.convert import model_from_state_dict
+from rwkv_ref.testing import random_state_dict  # noqa: E402
 
 PILE_169M = RWKVConfig(vocab_size=50277, n_layer=12, n_embd=768, wkv_impl="parallel")
 PROMPT = [510, 4370, 1204, 310]          # any four ids: the prompt goes through GPT mode once

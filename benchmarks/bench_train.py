@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from rwkv_ref.compare import count_params, matched_configs, train_seconds
-from rwkv_ref.train import (PRESETS, TrainConfig, apply_preset, build_model, build_optimizer,
-                            forward_backward, read_metrics)
+from rwkv_ref.config import PRESETS, TrainConfig, apply_preset
+from rwkv_ref.recipe import build_model, build_optimizer, forward_backward
+from rwkv_ref.report import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = ROOT / "out" / "cpu" / "metrics.jsonl"

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from rwkv_ref.data import load_data
-from rwkv_ref.train import (ConfigError, TrainConfig, TrainResult, build_model, config_from_args,
-                            num_params, train, usage)
+from rwkv_ref.config import ConfigError, TrainConfig, config_from_args, usage
+from rwkv_ref.recipe import build_model, num_params
+from rwkv_ref.train import TrainResult, train
 
 TOLERANCE = 0.05   # the largest relative difference in parameter count
 

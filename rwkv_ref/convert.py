@@ -15,13 +15,12 @@ States, for comparisons across implementations (batch is the leading dim in ours
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 import re
 
 import torch
 from torch import Tensor
 
+from rwkv_ref.files import load_torch, save_torch
 from rwkv_ref.model import RWKV, RWKVConfig
 from rwkv_ref.state import LayerState, RWKVState
 
@@ -35,17 +34,16 @@ LATER_VERSION_KEYS = re.compile(
 # ----------------------------------------------------------------------------- official
 
 
-def _meta_model(config: RWKVConfig) -> RWKV:
+def meta_model(config: RWKVConfig) -> RWKV:
     """An RWKV with parameters on the meta device: shapes and names, no memory, no init."""
     with torch.device("meta"):
         return RWKV(config)
 
 
 def load_state_dict_file(path) -> dict:
-    """``torch.load`` of a checkpoint file, safely (``weights_only=True``) onto the CPU."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """An official .pth read safely (``weights_only=True``) onto the CPU; ``FileProblem``
+    (one line) for a missing, truncated or foreign file."""
+    return load_torch(path, "checkpoint")
 
 
 def infer_config(state_dict: dict, **overrides) -> RWKVConfig:
@@ -75,7 +73,7 @@ def infer_config(state_dict: dict, **overrides) -> RWKVConfig:
 
 def check_state_dict(state_dict: dict, config: RWKVConfig) -> None:
     """Raise ``ValueError`` naming every missing, unexpected or misshapen key."""
-    expected = {k: v.shape for k, v in _meta_model(config).state_dict().items()}
+    expected = {k: v.shape for k, v in meta_model(config).state_dict().items()}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
@@ -104,7 +102,7 @@ def from_blinkdl(path_or_state_dict, dtype: torch.dtype = torch.float32,
         sd = load_state_dict_file(sd)
     if "model" in sd and isinstance(sd["model"], dict):
         raise ValueError("this is an rwkv_ref training checkpoint ('model', 'model_config' ...), "
-                         "not an official state dict: use rwkv_ref.generate.load_checkpoint")
+                         "not an official state dict: use rwkv_ref.checkpoint.load_checkpoint")
     non_tensors = sorted(k for k, v in sd.items() if not isinstance(v, Tensor))
     if non_tensors:
         raise ValueError(f"not a state dict: entries {non_tensors[:6]} are not tensors")
@@ -119,7 +117,7 @@ def model_from_state_dict(state_dict: dict, config: RWKVConfig,
     shares storage where the dtype already fits): no initialisation runs.
     """
     check_state_dict(state_dict, config)
-    model = _meta_model(config)
+    model = meta_model(config)
     model.load_state_dict({k: v.to(dtype, copy=copy).contiguous() for k, v in state_dict.items()},
                           strict=True, assign=True)
     return model
@@ -135,45 +133,7 @@ def save_blinkdl(model: RWKV, path, dtype: torch.dtype | None = None) -> None:
     # row-major (.contiguous()), as the official loader expects, whatever the layout in memory
     sd = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
           for k, v in model.state_dict().items()}
-    torch.save(sd, path)
-
-
-def random_state_dict(config: RWKVConfig, seed: int = 0, key_scale: float = 2.0) -> dict:
-    """Random weights in the official layout: for parity tests and benchmarks.
-
-    Unlike the initialisation (which zeros five matrices per block) every tensor is random:
-    matrices N(0, 1/in) (att.key times ``key_scale``, so exponents spread), decays
-    time_decay ~ U(-6, 1.5), bonuses N(0, 1), mixes U(0, 1), LayerNorms 1 + N(0, 0.2).
-
-    Returns:
-        {official name: float32 tensor} on the CPU.
-    """
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, p in _meta_model(config).state_dict().items():
-        shape = p.shape
-        if name.endswith("time_decay"):
-            t = torch.rand(shape, generator=g) * 7.5 - 6.0
-        elif name.endswith("time_first"):
-            t = torch.randn(shape, generator=g)
-        elif ".time_mix_" in name:
-            t = torch.rand(shape, generator=g)
-        elif re.search(r"ln(0|1|2|_out)\.weight$", name):
-            t = 1.0 + 0.2 * torch.randn(shape, generator=g)
-        elif name.endswith(".bias"):
-            t = 0.2 * torch.randn(shape, generator=g)
-        elif name == "emb.weight":
-            t = torch.randn(shape, generator=g)
-        else:                                              # a (out, in) matrix
-            scale = key_scale if name.endswith("att.key.weight") else 1.0
-            t = torch.randn(shape, generator=g) * scale / math.sqrt(shape[1])
-        out[name] = t
-    return out
-
-
-def random_model(config: RWKVConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> RWKV:
-    """An ``RWKV`` with ``random_state_dict`` weights."""
-    return model_from_state_dict(random_state_dict(config, seed), config, dtype, copy=False)
+    save_torch(sd, path)
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -232,7 +192,7 @@ def from_hf(hf_model, **config_overrides) -> RWKV:
                         dim_ffn=c.intermediate_size,
                         **{"ctx_len": c.context_length, **config_overrides})
     theirs = {k: v.detach().cpu() for k, v in hf_model.state_dict().items()}
-    ours = {name: hf_name(name) for name in _meta_model(config).state_dict()}
+    ours = {name: hf_name(name) for name in meta_model(config).state_dict()}
     missing = sorted(h for h in ours.values() if h not in theirs)
     unexpected = sorted(set(theirs) - set(ours.values()))
     if missing or unexpected:

@@ -19,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from rwkv_ref.files import atomic_write
 
 DATA_ENV = "RWKV_REF_DATA"
 TINY_SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/"
@@ -76,20 +77,13 @@ def download(url: str, dest: Path, sha256: str = TINY_SHAKESPEARE_SHA256) -> Pat
         ``dest``.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     try:
-        try:
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
-                shutil.copyfileobj(response, f)
-        except OSError as e:  # urllib.error.URLError is an OSError
-            raise DataError(f"could not download {url}: {e}. {_where_to_put()}") from e
-        check_sha256(Path(tmp), sha256, source=f"the download from {url}")
-        os.chmod(tmp, 0o644)                          # mkstemp makes it private (0600)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with atomic_write(dest) as f, urllib.request.urlopen(url, timeout=60) as response:
+            shutil.copyfileobj(response, f)
+            f.flush()
+            check_sha256(Path(f.name), sha256, source=f"the download from {url}")
+    except OSError as e:  # urllib.error.URLError is an OSError
+        raise DataError(f"could not download {url}: {e}. {_where_to_put()}") from e
     return dest
 
 

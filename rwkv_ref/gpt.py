@@ -6,11 +6,11 @@ causal multi-head attention through ``F.scaled_dot_product_attention(is_causal=T
 GELU MLP of width ``dim_ffn``.
 
     model = GPT(GPTConfig(vocab_size=65, n_layer=4, n_embd=128, n_head=4, ctx_len=128))
-    logits, _ = model(idx)      # idx (B, T) → logits (B, T, V); the second value is always None
+    logits, window = model(idx)     # idx (B, T) → logits (B, T, V); window: the tokens seen
 
 It trains through the same loop as RWKV (``python -m rwkv_ref.train --model=gpt``). Unlike RWKV
-it has no recurrent state: it sees at most ``ctx_len`` tokens, and generating one more token
-reruns the whole window.
+it has no recurrent state: what it carries from call to call is the window of the last
+``ctx_len`` tokens itself, and ``step`` (one more token) reruns the whole window.
 """
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from rwkv_ref import sampling
+from rwkv_ref.tokenizer import check_token_ids
 
 
 @dataclass
@@ -103,48 +106,41 @@ class GPT(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: Tensor, state=None):
-        """GPT mode over a whole window.
+    def forward(self, idx: Tensor, state: Tensor | None = None):
+        """GPT mode over a window. The GPT's "state" is the window of tokens it attends to.
 
         Args:
             idx: (B, T) int64 token ids, T <= ctx_len.
-            state: must be None (accepted so that the call matches ``RWKV``).
+            state: None, or (B, T0) earlier token ids (as returned here) that idx continues.
         Returns:
-            logits (B, T, V) and None.
+            logits (B, T, V) for the tokens of idx, and the new window: the last ``ctx_len``
+            tokens of state followed by idx, (B, <= ctx_len).
         """
+        self.check_tokens(idx, "idx", "(B, T)")
         if state is not None:
-            raise ValueError("GPT has no recurrent state; pass state=None")
-        B, T = idx.shape
+            self.check_tokens(state, "state (the GPT's window of earlier tokens)", "(B, T)")
+            if state.shape[0] != idx.shape[0]:
+                raise ValueError(f"state has batch size {state.shape[0]} but idx has "
+                                 f"{idx.shape[0]}")
+        T = idx.shape[1]
         if T > self.cfg.ctx_len:
             raise ValueError(f"GPT: input of {T} tokens, but ctx_len is {self.cfg.ctx_len}")
-        pos = torch.arange(T, device=idx.device)                         # (T,)
-        x = self.drop(self.wte(idx) + self.wpe(pos))                     # (B, T, C)
+        window = idx if state is None else torch.cat([state, idx], dim=1)[:, -self.cfg.ctx_len:]
+        pos = torch.arange(window.shape[1], device=idx.device)           # (T',)
+        x = self.drop(self.wte(window) + self.wpe(pos))                  # (B, T', C)
         for block in self.blocks:
-            x = block(x)                                                 # (B, T, C)
-        return self.head(self.ln_f(x)), None                             # (B, T, V)
+            x = block(x)                                                 # (B, T', C)
+        return self.head(self.ln_f(x[:, -T:])), window                   # (B, T, V)
 
-    @torch.no_grad()
-    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, generator=None,
-                 greedy: bool = False) -> Tensor:
-        """The prompt followed by ``max_new_tokens`` sampled tokens (as ``RWKV.generate``).
+    def step(self, token: Tensor, state: Tensor | None = None):
+        """One token per row after ``state`` (a window from ``forward``): the whole window is
+        run again, as a GPT without a KV cache does. Returns: logits (B, V), the new window."""
+        logits, window = self(token[:, None], state)
+        return logits[:, -1], window
 
-        Each new token reruns the model over the last ``ctx_len`` tokens: no state to carry.
+    def check_tokens(self, idx: Tensor, name: str, shape: str) -> None:
+        """``ValueError`` unless idx holds token ids of this model in the given shape."""
+        check_token_ids(idx, self.cfg.vocab_size, name, shape)
 
-        Args:
-            prompt_ids: list of ints, (T,) or (B, T) int64.  Sampling arguments: see
-                ``rwkv_ref.generate.sample_next``.
-        Returns:
-            (T + max_new_tokens,) or (B, T + max_new_tokens) int64, like the prompt.
-        """
-        from rwkv_ref.generate import check_sampling, sample_next
-
-        check_sampling(temperature, top_k, top_p, greedy)
-        idx = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.head.weight.device)
-        one = idx.dim() == 1
-        idx = idx.unsqueeze(0) if one else idx                           # (B, T)
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.cfg.ctx_len:])                 # (B, T', V)
-            token = sample_next(logits[:, -1], temperature, top_k, top_p, generator, greedy)
-            idx = torch.cat([idx, token[:, None]], dim=1)                # (B, T + 1)
-        return idx[0] if one else idx
+    generate = sampling.generate       # rwkv_ref.sampling: the same sampling as RWKV's
+    stream = sampling.stream

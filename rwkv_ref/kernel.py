@@ -29,9 +29,19 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from rwkv_ref.wkv import WKVState
+from rwkv_ref.state import WKVState, compute_dtype
 
-KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
+
+
+def _kernels_dir() -> Path:
+    """Where the kernel sources are: inside the installed package (a wheel ships kernels/ as
+    rwkv_ref/kernels/), else kernels/ at the top of the source checkout."""
+    here = Path(__file__).resolve().parent
+    installed = here / "kernels"
+    return installed if (installed / "wkv_scan.h").is_file() else here.parent / "kernels"
+
+
+KERNELS_DIR = _kernels_dir()
 _SOURCES = {
     "cpp": ("wkv_scan.h", "wkv_bind.h", "wkv_cpu.cpp"),
     "cuda": ("wkv_scan.h", "wkv_bind.h", "wkv_cuda.cu", "wkv_cuda_bind.cpp"),
@@ -80,7 +90,7 @@ def _missing_tool(name: str) -> str | None:
     missing = [f for f in _SOURCES[name] if not (KERNELS_DIR / f).is_file()]
     if missing:
         return (f"the kernel sources are missing ({', '.join(missing)} in {KERNELS_DIR}); "
-                f"install rwkv_ref from a source checkout (pip install -e .)")
+                f"reinstall rwkv_ref (a wheel carries them in rwkv_ref/kernels/)")
     compiler = os.environ.get("CXX", "c++")   # what torch compiles with
     if shutil.which(compiler.split()[0] if compiler.strip() else "c++") is None:
         return (f"no C++ compiler found (looked for {compiler!r}): install g++ "
@@ -188,7 +198,7 @@ def wkv_kernel(name: str, w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKV
         RuntimeError: the kernel is unavailable (the message says why and what to install).
     """
     module = extension(name)
-    dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(k.dtype)
     args = [x.to(dtype).contiguous() for x in (w, u, k, v, *state)]
     y, a, b, p = _WKVFunction.apply(module, *args)
     return y, WKVState(a, b, p)
@@ -229,42 +239,20 @@ def matvec(x: Tensor, w: Tensor) -> Tensor:
     return y.to(x.dtype)
 
 
-def _block_tensors(block) -> tuple[list[Tensor], list[Tensor]]:
-    """The (C,) parameters and the seven matrices of a block, in block_step's order."""
-    att, ffn = block.att, block.ffn
-    params = [block.ln1.weight, block.ln1.bias, block.ln2.weight, block.ln2.bias,
-              att.time_mix_k, att.time_mix_v, att.time_mix_r, ffn.time_mix_k, ffn.time_mix_r]
-    matrices = [att.receptance.weight, att.key.weight, att.value.weight, att.output.weight,
-                ffn.key.weight, ffn.receptance.weight, ffn.value.weight]
-    return params, matrices
+def block_step(x: Tensor, att_x: Tensor, a: Tensor, b: Tensor, p: Tensor, ffn_x: Tensor,
+               params: list[Tensor], matrices: list[Tensor], w: Tensor, u: Tensor,
+               eps: float) -> list[Tensor]:
+    """One block of RNN mode (after ``ln0``) in one compiled call; see kernels/rnn_cpu.cpp.
 
-
-def block_step_applies(block, x: Tensor) -> bool:
-    """Whether ``block_step(block, x, state)`` can stand in for ``block.step``: as
-    ``rnn_applies``, and every parameter of the block in one dtype, row-major."""
-    params, matrices = _block_tensors(block)
-    dtype = matrices[0].dtype
-    return (block.ln1.eps == block.ln2.eps
-            and all(t.dtype == dtype and t.is_contiguous() for t in (*params, *matrices))
-            and rnn_applies(x, matrices[0]))
-
-
-def block_step(block, x: Tensor, state):
-    """``block.step(x, state)`` (after ``ln0``) in one compiled call; see kernels/rnn_cpu.cpp.
+    ``rwkv_ref.model.Block.step`` knows which of its tensors go where and calls this.
 
     Args:
-        block: a ``rwkv_ref.model.Block`` with float32 or bfloat16 parameters.
-        x: (B, C), B <= 16.  state: the block's ``LayerState``.
+        x, att_x, ffn_x: (B, C) float32; a, b, p: (B, A) float32 WKV state, B <= 16.
+        params: the block's nine (C,) vectors (ln1 w/b, ln2 w/b, att mix k/v/r, ffn mix k/r);
+        matrices: its seven weights (att r/k/v/o, ffn k/r/v), float32 or bf16, row-major.
+        w: (A,) POSITIVE decay rate exp(time_decay), float32.  u: (A,) time_first.
+        eps: the LayerNorms' epsilon.
     Returns:
-        x (B, C) and the ``LayerState`` after this token: x, att_x, ffn_x in x's dtype, the
-        WKV state in float32, as ``Block.step`` returns them.
+        [x, att_x, a, b, p, ffn_x] after this token, float32.
     """
-    params, matrices = _block_tensors(block)
-    att = block.att
-    f32 = [t.to(torch.float32).contiguous()
-           for t in (x, state.att_x, *state.wkv, state.ffn_x)]
-    x_out, att_x, a, b, p, ffn_x = extension("rnn").block_step(
-        *f32, [t.reshape(-1) for t in params], matrices,
-        att.time_decay.float().exp(), att.time_first.float(), block.ln1.eps)
-    dtype = x.dtype
-    return x_out.to(dtype), type(state).from_tensors(att_x.to(dtype), a, b, p, ffn_x.to(dtype))
+    return extension("rnn").block_step(x, att_x, a, b, p, ffn_x, params, matrices, w, u, eps)

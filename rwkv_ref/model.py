@@ -44,9 +44,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from rwkv_ref import kernel
-from rwkv_ref.state import LayerState, RWKVState
-from rwkv_ref.wkv import WKV_IMPLS, WKVState, wkv, wkv_step
+from rwkv_ref import kernel, sampling
+from rwkv_ref.state import LayerState, RWKVState, WKVState, compute_dtype
+from rwkv_ref.tokenizer import check_token_ids
+from rwkv_ref.wkv import WKV_IMPLS, wkv, wkv_step
 
 
 @dataclass
@@ -102,11 +103,6 @@ def mix(x: Tensor, x_prev: Tensor, mu: Tensor) -> Tensor:
     return torch.lerp(x_prev, x, mu.reshape(-1))
 
 
-def wkv_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the WKV sums live in: float64 for float64 models, else float32."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 # ----------------------------------------------------------------------------- modules
 
 
@@ -153,7 +149,7 @@ class TimeMixing(nn.Module):
         r = self.receptance(mix(x, x_prev, self.time_mix_r))
         k = self.key(mix(x, x_prev, self.time_mix_k))
         v = self.value(mix(x, x_prev, self.time_mix_v))
-        dtype = wkv_dtype(x.dtype)
+        dtype = compute_dtype(x.dtype)
         return r, k.to(dtype), v.to(dtype)
 
     def _wu(self, dtype: torch.dtype):
@@ -230,17 +226,48 @@ class Block(nn.Module):
         """RNN mode. Args: x (B, C); this layer's state. Returns: x (B, C), new state.
 
         Inference on the CPU runs these lines as one compiled call instead
-        (``rwkv_ref.kernel.block_step``, held to this code by tests/test_rnn_kernel.py)."""
+        (``_kernel_step``, held to this code by tests/test_rnn_kernel.py)."""
         if self.layer_id == 0:
             x = self.ln0(x)
-        if kernel.block_step_applies(self, x):
-            return kernel.block_step(self, x, state)
+        if self._kernel_applies(x):
+            return self._kernel_step(x, state)
         xa = self.ln1(x)                                                     # (B, C)
         out, wkv_state = self.att.step(xa, state.att_x, state.wkv)
         x = x + out
         xf = self.ln2(x)                                                     # (B, C)
         x = x + self.ffn(xf, state.ffn_x)
         return x, LayerState(xa, wkv_state, xf)
+
+    # ------------------------------------------------------------------------- the rnn kernel
+
+    def _kernel_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The nine (C,) vectors and seven matrices, in ``kernel.block_step``'s order."""
+        att, ffn = self.att, self.ffn
+        params = [self.ln1.weight, self.ln1.bias, self.ln2.weight, self.ln2.bias,
+                  att.time_mix_k, att.time_mix_v, att.time_mix_r, ffn.time_mix_k, ffn.time_mix_r]
+        matrices = [att.receptance.weight, att.key.weight, att.value.weight, att.output.weight,
+                    ffn.key.weight, ffn.receptance.weight, ffn.value.weight]
+        return params, matrices
+
+    def _kernel_applies(self, x: Tensor) -> bool:
+        """Whether ``_kernel_step`` can stand in for the lines of ``step``: as
+        ``kernel.rnn_applies``, and every parameter in one dtype, row-major."""
+        params, matrices = self._kernel_tensors()
+        dtype = matrices[0].dtype
+        return (self.ln1.eps == self.ln2.eps
+                and all(t.dtype == dtype and t.is_contiguous() for t in (*params, *matrices))
+                and kernel.rnn_applies(x, matrices[0]))
+
+    def _kernel_step(self, x: Tensor, state: LayerState):
+        """``step`` after ``ln0`` by ``kernel.block_step``: x (B, C) and the new state, with
+        x, att_x, ffn_x in x's dtype and the WKV state in float32, as ``step`` returns them."""
+        params, matrices = self._kernel_tensors()
+        f32 = [t.to(torch.float32).contiguous() for t in state.tensors()]
+        x_out, att_x, a, b, p, ffn_x = kernel.block_step(
+            x.to(torch.float32).contiguous(), *f32, [t.reshape(-1) for t in params], matrices,
+            self.att.time_decay.float().exp(), self.att.time_first.float(), self.ln1.eps)
+        dtype = x.dtype
+        return x_out.to(dtype), LayerState.from_tensors(att_x.to(dtype), a, b, p, ffn_x.to(dtype))
 
 
 # ----------------------------------------------------------------------------- init
@@ -375,20 +402,9 @@ class RWKV(nn.Module):
     # ------------------------------------------------------------------------- checks
 
     def check_tokens(self, idx: Tensor, name: str, shape: str) -> None:
-        """Raise ``ValueError`` unless idx is a non-empty integer tensor of the given shape
-        (``"(B, T)"`` or ``"(B,)"``) with every id in [0, vocab_size)."""
-        if not isinstance(idx, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor of token ids, got "
-                             f"{type(idx).__name__}")
-        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-            raise ValueError(f"{name} must hold integer token ids, got dtype {idx.dtype}")
-        if idx.dim() != len(shape.strip("(,)").split(",")) or idx.numel() == 0:
-            raise ValueError(f"{name} must have shape {shape} and be non-empty, "
-                             f"got {tuple(idx.shape)}")
-        lo, hi = (int(t) for t in torch.aminmax(idx))
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"{name}: token ids must lie in [0, {self.config.vocab_size}) "
-                             f"(vocab_size), got min {lo} and max {hi}")
+        """``ValueError`` unless idx holds token ids of this model in the given shape (see
+        ``rwkv_ref.tokenizer.check_token_ids``)."""
+        check_token_ids(idx, self.config.vocab_size, name, shape)
 
     def _check_state(self, state: RWKVState | None, batch: int) -> RWKVState:
         """The empty state for None; else ``ValueError`` unless ``state`` fits this model."""
@@ -410,48 +426,7 @@ class RWKV(nn.Module):
         return state
 
     # ------------------------------------------------------------------------- generation
+    # rwkv_ref.sampling's functions take the model first, so they serve as methods as they are.
 
-    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, generator=None,
-                 greedy: bool = False, callback=None) -> Tensor:
-        """Sample a continuation in RNN mode; see ``rwkv_ref.generate.generate``."""
-        from rwkv_ref import generate
-
-        return generate.generate(self, prompt_ids, max_new_tokens, temperature=temperature,
-                                 top_k=top_k, top_p=top_p, generator=generator,
-                                 greedy=greedy, callback=callback)
-
-    def stream(self, prompt_ids, max_new_tokens: int, **sampling):
-        """Yield sampled token ids one at a time; see ``rwkv_ref.generate.stream``."""
-        from rwkv_ref import generate
-
-        return generate.stream(self, prompt_ids, max_new_tokens, **sampling)
-
-    # ------------------------------------------------------------------------- weights
-
-    @classmethod
-    def from_blinkdl(cls, path_or_state_dict, dtype: torch.dtype = torch.float32,
-                     **config_overrides) -> "RWKV":
-        """An official RWKV-4 .pth (or its state dict); see ``rwkv_ref.convert.from_blinkdl``."""
-        from rwkv_ref import convert
-
-        return convert.from_blinkdl(path_or_state_dict, dtype=dtype, **config_overrides)
-
-    def save_blinkdl(self, path, dtype: torch.dtype | None = None) -> None:
-        """Write the weights in the official layout; see ``rwkv_ref.convert.save_blinkdl``."""
-        from rwkv_ref import convert
-
-        convert.save_blinkdl(self, path, dtype=dtype)
-
-    @classmethod
-    def from_hf(cls, hf_model, **config_overrides) -> "RWKV":
-        """From transformers' ``RwkvForCausalLM``; see ``rwkv_ref.convert.from_hf``."""
-        from rwkv_ref import convert
-
-        return convert.from_hf(hf_model, **config_overrides)
-
-    def to_hf(self, rescale_every: int = 0):
-        """To transformers' ``RwkvForCausalLM``; see ``rwkv_ref.convert.to_hf``."""
-        from rwkv_ref import convert
-
-        return convert.to_hf(self, rescale_every=rescale_every)
+    generate = sampling.generate
+    stream = sampling.stream

@@ -17,12 +17,46 @@ here modifies a state in place, so one state can seed any number of continuation
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-from rwkv_ref.wkv import WKVState
+# The empty state's exponent: "minus infinity" kept finite so that no inf - inf ever appears.
+EMPTY_P = -1e38
+
+
+class WKVState(NamedTuple):
+    """The WKV state of one layer: ``num = a * exp(p)``, ``den = b * exp(p)``; each (B, C).
+
+    ``p`` is the largest exponent among the terms of ``num`` and ``den``; the empty state is
+    ``a = b = 0``, ``p = EMPTY_P``. States are in float32, or float64 for float64 inputs.
+    """
+
+    a: Tensor  # (B, C) numerator / e^p
+    b: Tensor  # (B, C) denominator / e^p
+    p: Tensor  # (B, C) running maximum exponent
+
+    @classmethod
+    def empty(cls, batch: int, channels: int, dtype=torch.float32, device=None) -> "WKVState":
+        """The state before the first token: nothing seen yet."""
+        zeros = torch.zeros(batch, channels, dtype=dtype, device=device)
+        return cls(zeros, zeros.clone(), torch.full_like(zeros, EMPTY_P))
+
+    def to(self, *args, **kwargs) -> "WKVState":
+        """Move or cast all three tensors (same arguments as ``Tensor.to``)."""
+        return WKVState(*(t.to(*args, **kwargs) for t in self))
+
+    def decay(self, amount: Tensor | float) -> "WKVState":
+        """The state with every term multiplied by ``exp(-amount)``: the exponent minus
+        ``amount`` (``amount = w`` ages the state by one token, ``n * w`` by n tokens)."""
+        return WKVState(self.a, self.b, self.p - amount)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the WKV sums are computed and kept in: float64 stays float64; float32, bf16
+    and fp16 are computed in float32. The one place this rule is written."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -65,11 +99,10 @@ class RWKVState:
         Returns:
             An ``RWKVState`` of ``n_layer`` layers.
         """
-        wkv_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         layers = []
         for _ in range(n_layer):
             zeros = torch.zeros(batch, n_embd, dtype=dtype, device=device)
-            wkv = WKVState.empty(batch, dim_att, dtype=wkv_dtype, device=device)
+            wkv = WKVState.empty(batch, dim_att, dtype=compute_dtype(dtype), device=device)
             layers.append(LayerState(zeros, wkv, zeros.clone()))
         return cls(tuple(layers))
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 
 def _as_id_list(ids) -> list[int]:
     """A list of ints from a list, a tuple or a 1-D integer tensor."""
@@ -103,3 +105,24 @@ def tokenizer_from_dict(d: dict):
     if isinstance(d, dict) and d.get("type") == "char":
         return CharTokenizer.from_dict(d)
     raise ValueError(f"unknown tokenizer in checkpoint (expected type 'char'): {d!r:.80}")
+
+
+def check_token_ids(idx, vocab_size: int, name: str, shape: str) -> None:
+    """Raise ``ValueError`` unless idx is a non-empty integer tensor of the given shape
+    (``"(B, T)"`` or ``"(B,)"``) with every id in [0, vocab_size).
+
+    Args:
+        idx: the token ids.  vocab_size: V.  name: the argument's name, for the message.
+        shape: the expected shape, as written in the message.
+    """
+    if not isinstance(idx, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of token ids, got {type(idx).__name__}")
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer token ids, got dtype {idx.dtype}")
+    if idx.dim() != len(shape.strip("(,)").split(",")) or idx.numel() == 0:
+        raise ValueError(f"{name} must have shape {shape} and be non-empty, "
+                         f"got {tuple(idx.shape)}")
+    lo, hi = (int(t) for t in torch.aminmax(idx))
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name}: token ids must lie in [0, {vocab_size}) "
+                         f"(vocab_size), got min {lo} and max {hi}")

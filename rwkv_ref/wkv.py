@@ -28,50 +28,16 @@ this canonical ``p``, so states from different variants can be compared and hand
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from rwkv_ref import kernel
+from rwkv_ref.state import EMPTY_P, WKVState, compute_dtype  # noqa: F401 (re-exported)
+
 WKV_IMPLS = ("naive", "logspace", "recurrent", "parallel", "cpp", "cuda")
 
-# The empty state's exponent: "minus infinity" kept finite so that no inf - inf ever appears.
-EMPTY_P = -1e38
-
-
-class WKVState(NamedTuple):
-    """The WKV state of one layer: ``num = a * exp(p)``, ``den = b * exp(p)``; each (B, C).
-
-    ``p`` is the largest exponent among the terms of ``num`` and ``den``; the empty state is
-    ``a = b = 0``, ``p = EMPTY_P``. States are in float32, or float64 for float64 inputs.
-    """
-
-    a: Tensor  # (B, C) numerator / e^p
-    b: Tensor  # (B, C) denominator / e^p
-    p: Tensor  # (B, C) running maximum exponent
-
-    @classmethod
-    def empty(cls, batch: int, channels: int, dtype=torch.float32, device=None) -> "WKVState":
-        """The state before the first token: nothing seen yet."""
-        zeros = torch.zeros(batch, channels, dtype=dtype, device=device)
-        return cls(zeros, zeros.clone(), torch.full_like(zeros, EMPTY_P))
-
-    def to(self, *args, **kwargs) -> "WKVState":
-        """Move or cast all three tensors (same arguments as ``Tensor.to``)."""
-        return WKVState(*(t.to(*args, **kwargs) for t in self))
-
-    def decay(self, amount: Tensor | float) -> "WKVState":
-        """The state with every term multiplied by ``exp(-amount)``: the exponent minus
-        ``amount`` (``amount = w`` ages the state by one token, ``n * w`` by n tokens)."""
-        return WKVState(self.a, self.b, self.p - amount)
-
-
 # ----------------------------------------------------------------------------- checks
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; float32, bf16 and fp16 are computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_inputs(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKVState | None) -> None:
@@ -302,8 +268,6 @@ _warned: set[str] = set()
 
 def _auto_impl(device: torch.device) -> str:
     """The compiled kernel for the device if it builds, else ``parallel`` with one warning."""
-    from rwkv_ref import kernel
-
     name = "cuda" if device.type == "cuda" else "cpp"
     problem = kernel.unavailable_reason(name)
     if problem is None:
@@ -333,7 +297,7 @@ def wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKVState | None = Non
     if impl != "auto" and impl not in WKV_IMPLS:
         raise ValueError(f"wkv: unknown impl {impl!r}; choose one of {WKV_IMPLS} or 'auto'")
     check_inputs(w, u, k, v, state)
-    dtype = _compute_dtype(k.dtype)
+    dtype = compute_dtype(k.dtype)
     B, _, C = k.shape
     if state is None:
         state = WKVState.empty(B, C, dtype=dtype, device=k.device)
@@ -341,8 +305,6 @@ def wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKVState | None = Non
     if impl == "auto":
         impl = _auto_impl(k.device)
     if impl in ("cpp", "cuda"):
-        from rwkv_ref import kernel
-
         y, state = kernel.wkv_kernel(impl, w, u, k, v, state)
     else:
         y, state = _PURE[impl](w.to(dtype), u.to(dtype), k.to(dtype), v.to(dtype), state)

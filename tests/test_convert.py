@@ -15,9 +15,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from rwkv_ref import RWKV, RWKVConfig  # noqa: E402
+from rwkv_ref import convert  # noqa: E402
+from rwkv_ref.files import FileProblem  # noqa: E402
 from rwkv_ref.convert import (  # noqa: E402
-    from_hf, hf_name, random_model, random_state_dict, state_from_blinkdl, state_from_hf,
-    state_to_blinkdl, state_to_hf)
+    from_hf, hf_name, state_from_blinkdl, state_from_hf, state_to_blinkdl, state_to_hf)
+from rwkv_ref.testing import random_model, random_state_dict  # noqa: E402
 from test_model import assert_close_rel, assert_states_close, run_rnn, tokens  # noqa: E402
 
 CFG = RWKVConfig(vocab_size=37, n_layer=3, n_embd=16, wkv_impl="parallel")
@@ -31,7 +33,7 @@ def model():
 @pytest.fixture(scope="module")
 def official_path(model, tmp_path_factory):
     path = tmp_path_factory.mktemp("official") / "rwkv4.pth"
-    model.save_blinkdl(path)
+    convert.save_blinkdl(model, path)
     return path
 
 
@@ -54,7 +56,7 @@ def assert_same_weights(m1: RWKV, m2: RWKV):
 
 
 def test_save_then_load_is_exact(model, official_path):
-    loaded = RWKV.from_blinkdl(official_path, wkv_impl="parallel")
+    loaded = convert.from_blinkdl(official_path, wkv_impl="parallel")
     assert loaded.config == model.config
     assert_same_weights(loaded, model)
     raw = torch.load(official_path, map_location="cpu", weights_only=True)
@@ -67,7 +69,7 @@ def test_config_is_inferred_from_shapes():
     cfg = RWKVConfig(vocab_size=29, n_layer=2, n_embd=12, dim_att=8, dim_ffn=20, ctx_len=64,
                      wkv_impl="parallel")
     sd = random_state_dict(cfg, seed=1)
-    loaded = RWKV.from_blinkdl(sd, ctx_len=64, wkv_impl="parallel")
+    loaded = convert.from_blinkdl(sd, ctx_len=64, wkv_impl="parallel")
     assert loaded.config == cfg
     sd["emb.weight"].zero_()                       # the caller's dict is not shared
     assert loaded.emb.weight.abs().sum() > 0
@@ -76,22 +78,22 @@ def test_config_is_inferred_from_shapes():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_storage_loads(model, tmp_path, dtype):
     path = tmp_path / "half.pth"
-    model.save_blinkdl(path, dtype=dtype)
+    convert.save_blinkdl(model, path, dtype=dtype)
     assert torch.load(path, weights_only=True)["head.weight"].dtype == dtype
-    loaded = RWKV.from_blinkdl(path, wkv_impl="parallel")
+    loaded = convert.from_blinkdl(path, wkv_impl="parallel")
     assert loaded.head.weight.dtype == torch.float32
     for (name, p), q in zip(model.named_parameters(), loaded.parameters()):
         torch.testing.assert_close(q, p.to(dtype).float(), rtol=0, atol=0, msg=name)
     idx = tokens(CFG, 1, 10, seed=2)
     with torch.no_grad():
         assert_close_rel(loaded(idx)[0], model(idx)[0], rel=0.05)
-    kept = RWKV.from_blinkdl(path, dtype=dtype, wkv_impl="parallel")
+    kept = convert.from_blinkdl(path, dtype=dtype, wkv_impl="parallel")
     assert kept.head.weight.dtype == dtype
 
 
 def test_official_to_ours_to_transformers_to_ours(official_path):
-    ours = RWKV.from_blinkdl(official_path, wkv_impl="parallel")
-    back = RWKV.from_hf(ours.to_hf(), wkv_impl="parallel")
+    ours = convert.from_blinkdl(official_path, wkv_impl="parallel")
+    back = convert.from_hf(convert.to_hf(ours), wkv_impl="parallel")
     assert_same_weights(back, ours)
     official_sd = torch.load(official_path, weights_only=True)
     for k, v in back.state_dict().items():
@@ -99,7 +101,7 @@ def test_official_to_ours_to_transformers_to_ours(official_path):
 
 
 def test_hf_names_are_transformers_names(model):
-    hf_keys = set(model.to_hf().state_dict())
+    hf_keys = set(convert.to_hf(model).state_dict())
     assert {hf_name(k) for k in model.state_dict()} == hf_keys
     assert hf_name("blocks.0.ln0.weight") == "rwkv.blocks.0.pre_ln.weight"
     assert hf_name("blocks.2.att.time_mix_r") == "rwkv.blocks.2.attention.time_mix_receptance"
@@ -107,7 +109,7 @@ def test_hf_names_are_transformers_names(model):
 
 
 def test_from_hf_undoes_transformers_rescaling(model):
-    hf = model.to_hf(rescale_every=2)
+    hf = convert.to_hf(model, rescale_every=2)
     with torch.no_grad():
         hf(tokens(CFG, 1, 3, seed=3))                # eval mode: divides weights in place
     assert hf.rwkv.layers_are_rescaled
@@ -136,30 +138,30 @@ def test_refuses_later_rwkv_versions(key):
     sd = random_state_dict(CFG)
     sd[key] = torch.zeros(CFG.n_embd)
     with pytest.raises(ValueError, match=key.replace(".", r"\.")) as info:
-        RWKV.from_blinkdl(sd)
+        convert.from_blinkdl(sd)
     assert "RWKV-5/6/7" in str(info.value)
 
 
 def test_refuses_missing_unexpected_and_misshapen_keys():
     sd = random_state_dict(CFG)
     with pytest.raises(ValueError, match=r"missing keys \['blocks\.1\.ffn\.value\.weight'\]"):
-        RWKV.from_blinkdl(_bad(sd, **{"blocks.1.ffn.value.weight": None}))
+        convert.from_blinkdl(_bad(sd, **{"blocks.1.ffn.value.weight": None}))
     with pytest.raises(ValueError, match=r"unexpected keys \['blocks\.0\.att\.extra'\]"):
-        RWKV.from_blinkdl(_bad(sd, **{"blocks.0.att.extra": torch.zeros(3)}))
+        convert.from_blinkdl(_bad(sd, **{"blocks.0.att.extra": torch.zeros(3)}))
     with pytest.raises(ValueError, match=r"blocks\.2\.att\.time_first: \(15,\)"):
-        RWKV.from_blinkdl(_bad(sd, **{"blocks.2.att.time_first": torch.zeros(15)}))
+        convert.from_blinkdl(_bad(sd, **{"blocks.2.att.time_first": torch.zeros(15)}))
     with pytest.raises(ValueError, match=r"missing keys \['emb\.weight'\]"):
-        RWKV.from_blinkdl(_bad(sd, **{"emb.weight": None}))
+        convert.from_blinkdl(_bad(sd, **{"emb.weight": None}))
     with pytest.raises(ValueError, match="load_checkpoint"):
-        RWKV.from_blinkdl({"model": sd, "model_config": {}})
-    with pytest.raises(FileNotFoundError, match="no_such.pth"):
-        RWKV.from_blinkdl("/nonexistent/no_such.pth")
+        convert.from_blinkdl({"model": sd, "model_config": {}})
+    with pytest.raises(FileProblem, match="not found: .*no_such.pth"):
+        convert.from_blinkdl("/nonexistent/no_such.pth")
 
 
 def test_transformers_missing_is_explained(model, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match="pip install transformers"):
-        model.to_hf()
+        convert.to_hf(model)
 
 
 # ----------------------------------------------------------------------------- official package
@@ -199,7 +201,7 @@ def test_parity_with_official_package_rnn_mode_and_states(model, official_path):
 
 
 def test_parity_with_transformers_gpt_mode(model):
-    hf = model.to_hf()
+    hf = convert.to_hf(model)
     idx = tokens(CFG, 2, 19, seed=6)
     with torch.no_grad():
         theirs = hf(idx, use_cache=False).logits
@@ -210,7 +212,7 @@ def test_parity_with_transformers_gpt_mode(model):
 def test_parity_with_transformers_rnn_mode(model):
     # batch 1: transformers 5.23's one-token path mixes a (B, 1, C) input with a (B, C) shift,
     # which broadcasts to (B, B, C) when B > 1 (its GPT mode with a state is fine, see below)
-    hf = model.to_hf()
+    hf = convert.to_hf(model)
     idx = tokens(CFG, 1, 8, seed=7)
     with torch.no_grad():
         ours, our_state = run_rnn(model, idx)
@@ -223,7 +225,7 @@ def test_parity_with_transformers_rnn_mode(model):
 
 
 def test_parity_with_transformers_carried_state(model):
-    hf = model.to_hf()
+    hf = convert.to_hf(model)
     idx = tokens(CFG, 2, 14, seed=8)
     with torch.no_grad():
         _, our_state = model(idx[:, :8])
@@ -245,4 +247,4 @@ def test_transformers_single_layer():
     one = random_model(RWKVConfig(vocab_size=9, n_layer=1, n_embd=8, wkv_impl="parallel"), 3)
     idx = tokens(one.config, 2, 6, seed=9)
     with torch.no_grad():
-        assert_close_rel(one(idx)[0], one.to_hf()(idx, use_cache=False).logits)
+        assert_close_rel(one(idx)[0], convert.to_hf(one)(idx, use_cache=False).logits)

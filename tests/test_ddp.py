@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from rwkv_ref.data import get_batch, load_data
-from rwkv_ref.train import (TrainConfig, batch_generator, build_model, build_optimizer,
-                            forward_backward)
+from rwkv_ref.config import TrainConfig
+from rwkv_ref.recipe import build_model, build_optimizer, forward_backward
+from rwkv_ref.run import batch_generator
 
 REPO = Path(__file__).resolve().parents[1]
 

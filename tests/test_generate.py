@@ -1,4 +1,5 @@
 """Tokenizers, sampling, generation in RNN mode, checkpoints and the command line."""
+import dataclasses
 import subprocess
 import sys
 
@@ -8,8 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rwkv_ref import CharTokenizer, NeoXTokenizer, RWKVConfig
-from rwkv_ref.convert import random_model
-from rwkv_ref.generate import load_checkpoint, main, sample_next
+from rwkv_ref import convert
+from rwkv_ref.checkpoint import load_checkpoint
+from rwkv_ref.files import FileProblem
+from rwkv_ref.generate import main
+from rwkv_ref.gpt import GPT, GPTConfig
+from rwkv_ref.sampling import sample_next
+from rwkv_ref.testing import random_model
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
 CFG = RWKVConfig(vocab_size=len(set(TEXT)), n_layer=2, n_embd=16, wkv_impl="parallel")
@@ -184,22 +190,30 @@ def test_load_checkpoint(model, checkpoint):
 
 
 def test_load_checkpoint_errors(model, tmp_path, bpe_json):
-    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+    with pytest.raises(FileProblem, match="not found: .*nothing.pt"):
         load_checkpoint(tmp_path / "nothing.pt")
     partial = tmp_path / "partial.pt"
     torch.save({"model": model.state_dict()}, partial)
-    with pytest.raises(ValueError, match=r"\['model_config', 'tokenizer'\]"):
+    with pytest.raises(FileProblem, match=r"lacks keys \['model_config', 'tokenizer'\]"):
         load_checkpoint(partial)
-    gpt = tmp_path / "gpt.pt"
-    torch.save({"model": {}, "model_config": {}, "tokenizer": {}, "model_type": "gpt"}, gpt)
-    with pytest.raises(ValueError, match="holds a 'gpt' model"):
-        load_checkpoint(gpt)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(partial.read_bytes()[:1000])
+    with pytest.raises(FileProblem, match="truncated.pt is truncated or corrupt"):
+        load_checkpoint(truncated)
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(FileProblem, match="is not a file written by torch.save"):
+        load_checkpoint(text)
+    odd = tmp_path / "odd.pt"
+    torch.save({"model": {}, "model_config": {}, "tokenizer": {}, "model_type": "mamba"}, odd)
+    with pytest.raises(ValueError, match="unknown model type 'mamba'"):
+        load_checkpoint(odd)
     official = tmp_path / "official.pth"
-    model.save_blinkdl(official)
+    convert.save_blinkdl(model, official)
     with pytest.raises(ValueError, match="--tokenizer"):
         load_checkpoint(official)
     big = random_model(RWKVConfig(vocab_size=300, n_layer=1, n_embd=8, wkv_impl="parallel"))
-    big.save_blinkdl(official)
+    convert.save_blinkdl(big, official)
     loaded, tok = load_checkpoint(official, tokenizer_path=bpe_json)
     assert isinstance(tok, NeoXTokenizer) and loaded.config.vocab_size == 300
 
@@ -233,3 +247,14 @@ def test_module_runs_as_a_script(checkpoint):
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("me") and len(result.stdout) == len("me") + 5 + 1
+
+
+def test_a_gpt_checkpoint_loads_and_samples_like_the_model_it_saved(tmp_path):
+    gpt = GPT(GPTConfig(vocab_size=len(set(TEXT)), n_layer=1, n_embd=8, n_head=2, ctx_len=16))
+    path = tmp_path / "gpt.pt"
+    torch.save({"model": gpt.state_dict(), "model_type": "gpt",
+                "model_config": dataclasses.asdict(gpt.cfg),
+                "tokenizer": CharTokenizer(TEXT).to_dict()}, path)
+    loaded, tok = load_checkpoint(path)
+    prompt = tok.encode("First")
+    assert torch.equal(loaded.generate(prompt, 30, greedy=True), gpt.generate(prompt, 30, greedy=True))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from rwkv_ref.compare import count_params, matched_configs
 from rwkv_ref.gpt import GPT, GPTConfig
-from rwkv_ref.train import TrainConfig
+from rwkv_ref.config import TrainConfig
 
 
 def small(**overrides) -> GPT:
@@ -23,12 +23,26 @@ def test_shapes_and_interface():
     model = small()
     idx = torch.randint(11, (3, 12))
     logits, state = model(idx)
-    assert logits.shape == (3, 12, 11) and state is None
+    assert logits.shape == (3, 12, 11) and torch.equal(state, idx)   # the state: the window
     assert model(idx[:, :5])[0].shape == (3, 5, 11)
     with pytest.raises(ValueError, match="ctx_len"):
         model(torch.randint(11, (1, 13)))
     with pytest.raises(ValueError, match="state"):
         model(idx, state=object())
+    with pytest.raises(ValueError, match="batch"):
+        model(idx, state=idx[:2])
+
+
+def test_the_window_carries_over_like_one_call():
+    model = small().eval()
+    idx = torch.randint(11, (2, 12))
+    whole, _ = model(idx)
+    first, window = model(idx[:, :7])
+    rest, _ = model(idx[:, 7:], state=window)
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), whole)
+    logits, window = model.step(idx[:, 7], window)           # one token at a time
+    torch.testing.assert_close(logits, whole[:, 7])
+    assert window.shape == (2, 8)
     with pytest.raises(ValueError, match="n_head"):
         GPTConfig(vocab_size=11, n_layer=1, n_embd=10, n_head=4, ctx_len=8)
 

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rwkv_ref import RWKV, RWKVConfig, RWKVState
-from rwkv_ref.convert import random_model
+from rwkv_ref.testing import random_model
 from rwkv_ref.model import ZERO_INIT
 
 PURE_IMPLS = ("naive", "logspace", "recurrent", "parallel")

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rwkv_ref import RWKVConfig, kernel
-from rwkv_ref.convert import random_model
+from rwkv_ref.testing import random_model
 from rwkv_ref.state import LayerState, RWKVState
 from rwkv_ref.wkv import WKVState
 
@@ -82,9 +82,9 @@ def test_block_step_equals_the_python_block(cfg, batch, seed):
     x = torch.randn(batch, cfg.n_embd, generator=torch.Generator().manual_seed(seed))
     block = model.blocks[-1]
     with torch.no_grad():
-        assert kernel.block_step_applies(block, x)
+        assert block._kernel_applies(x)
         after_ln0 = block.ln0(x) if block.layer_id == 0 else x     # Block.step's first line
-        got_x, got = kernel.block_step(block, after_ln0, state.layers[-1])
+        got_x, got = block._kernel_step(after_ln0, state.layers[-1])
         kernel.RNN_KERNEL = False
         try:
             want_x, want = block.step(x, state.layers[-1])
@@ -104,7 +104,7 @@ def test_rnn_mode_with_and_without_the_kernel(monkeypatch, dtype, rel):
     state = random_state(model, 3, seed=5)
     before = state.clone()
     with torch.no_grad():
-        assert kernel.block_step_applies(model.blocks[1], torch.zeros(3, 48, dtype=dtype))
+        assert model.blocks[1]._kernel_applies(torch.zeros(3, 48, dtype=dtype))
         fast, fast_state = run_rnn(model, idx, state)
         torch_only(monkeypatch)
         slow, slow_state = run_rnn(model, idx, state)

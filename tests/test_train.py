@@ -15,9 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from rwkv_ref import config, distributed, recipe
 from rwkv_ref import train as train_mod
-from rwkv_ref.train import (PRESETS, ConfigError, TrainConfig, TrainingDiverged, apply_overrides,
-                            config_from_args, lr_factor, main, parse_args, read_metrics, train)
+from rwkv_ref.config import (PRESETS, ConfigError, TrainConfig, apply_overrides, config_from_args,
+                             parse_args)
+from rwkv_ref.recipe import lr_factor
+from rwkv_ref.report import read_metrics
+from rwkv_ref.train import TrainingDiverged, main, train
 
 REPO = Path(__file__).resolve().parents[1]
 SENTENCE = "the quick brown fox jumps over the lazy dog; "
@@ -97,7 +101,7 @@ def test_config_checks(tmp_path, text_file):
     with pytest.raises(ConfigError, match="model"):
         train(tiny(tmp_path, text_file, model="lstm"))
     with pytest.raises(ConfigError, match="batch_size"):
-        train_mod.check_config(tiny(tmp_path, text_file, batch_size=5), world_size=2)
+        config.check_config(tiny(tmp_path, text_file, batch_size=5), world_size=2)
 
 
 def test_learning_rate_schedule():
@@ -135,7 +139,7 @@ def test_tiny_run_learns_and_writes_its_files(tmp_path, text_file, model):
 
 
 def test_checkpoint_feeds_generate_and_resume(tmp_path, text_file):
-    from rwkv_ref.generate import load_checkpoint
+    from rwkv_ref.checkpoint import load_checkpoint
 
     cfg = tiny(tmp_path, text_file, max_iters=2)
     train(cfg)
@@ -213,7 +217,7 @@ def test_sigint_to_a_subprocess_saves_a_checkpoint(tmp_path, text_file):
 def test_ctrl_c_twice(monkeypatch):
     """Repeats within a few seconds are one request (torchrun forwards the terminal's Ctrl-C);
     a later one quits at once."""
-    with train_mod.StopRequest() as stop:
+    with distributed.StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested
@@ -225,7 +229,7 @@ def test_ctrl_c_twice(monkeypatch):
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, monkeypatch):
-    original, calls = train_mod.compute_loss, []
+    original, calls = recipe.compute_loss, []
 
     def poisoned(model, x, y):              # training steps only: evaluation runs without grad
         loss = original(model, x, y)
@@ -235,7 +239,7 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, monke
                 return loss * math.nan
         return loss
 
-    monkeypatch.setattr(train_mod, "compute_loss", poisoned)
+    monkeypatch.setattr(recipe, "compute_loss", poisoned)
     cfg = tiny(tmp_path, text_file, max_iters=20, eval_interval=3)
     with pytest.raises(TrainingDiverged, match="step 7") as err:
         train(cfg)
