@@ -8,6 +8,10 @@
 #   make compare     RWKV against the GPT baseline at equal parameters and tokens
 #   make book        the HTML book built from notebooks/ (warnings are errors)
 #   make book-check  the book opened in headless Chromium: math rendered, plots loaded
+#   make student     the student edition of the chapters, in student/ (exercises as stubs)
+#   make grade NB=student/02_wkv_as_written.ipynb   grade a student's chapter
+#   make experiments what RWKV can and cannot do, at full size (out/experiments/)
+#   make gpu-check   on a CUDA machine: build, test and time the CUDA kernel and the gpu preset
 
 PYTHON ?= python3
 VENV   := .venv
@@ -20,7 +24,8 @@ STAMP  := $(VENV)/.installed
 BOOK_STAMP := $(VENV)/.installed-book
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run train sample test test-fast test-slow bench compare book book-check clean
+.PHONY: install run train sample test test-fast test-slow bench compare book book-check student grade \
+	experiments gpu-check clean
 
 install: $(STAMP)
 
@@ -51,6 +56,25 @@ bench: $(STAMP)
 compare: $(STAMP)
 	$(PY) -m rwkv_ref.compare --out_dir=out/compare
 
+student: $(STAMP)
+	$(PY) -m rwkv_ref.student --out student
+
+NB ?= student/*.ipynb
+grade: $(STAMP)
+	$(PY) -m rwkv_ref.grade $(NB)
+
+experiments: $(STAMP)
+	$(PY) -m rwkv_ref.experiments --out_dir=out/experiments --size=full
+	$(PY) -m rwkv_ref.precision --out_dir=out/experiments
+
+# A GPU machine may have no network: where the system's python3 already holds a CUDA build of
+# torch, the check runs with it from this checkout and installs nothing; elsewhere it uses .venv
+# (and there, without a GPU, says so and exits 0).
+gpu-check:
+	@if $(PYTHON) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; \
+	then PYTHONPATH=$(CURDIR) $(PYTHON) -m benchmarks.gpu_check; \
+	else $(MAKE) --no-print-directory install && $(PY) -m benchmarks.gpu_check; fi
+
 # MathJax is served from a local copy (no network at build or view time); npm fetches it once.
 MATHJAX := book/_build/mathjax/node_modules/mathjax/es5/tex-chtml.js
 
@@ -69,4 +93,4 @@ book-check: book
 	$(PY) -m pytest -p no:cacheprovider tests/book_check.py
 
 clean:
-	rm -rf out book/_build .pytest_cache .hypothesis
+	rm -rf out student book/_build .pytest_cache .hypothesis
