@@ -21,8 +21,6 @@ import re
 import sys
 from pathlib import Path
 
-import nbformat
-
 EXERCISE = re.compile(r"#\s*EXERCISE\s+([A-Za-z_]\w*)\s*:\s*(\S.*)$")
 BEGIN = re.compile(r"^(\s*)###\s*BEGIN SOLUTION\b(.*)$")
 HINT = re.compile(r"^\s*hint:\s*(\S.*?)\s*$")
@@ -124,6 +122,8 @@ def student_notebook(nb, name: str):
     Returns:
         The notebook with stubs in place of the solution regions and no outputs.
     """
+    import nbformat  # here, not at the top: the grader imports this module for EXERCISE only
+
     nb = nbformat.from_dict(nb)  # a deep copy
     for index, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
@@ -136,6 +136,8 @@ def student_notebook(nb, name: str):
 
 def _read(path: Path):
     """A notebook from disk, or ``MarkerError`` with one line if it is not one."""
+    import nbformat
+
     try:
         return nbformat.read(path, as_version=4)
     except Exception as e:  # nbformat raises several kinds: JSON, schema, OS errors
@@ -152,6 +154,8 @@ def write_student_edition(src: Path, out: Path, force: bool = False) -> list[Pat
     Raises:
         MarkerError: bad markers, no chapters, or a changed student notebook without ``force``.
     """
+    import nbformat
+
     chapters = sorted(src.glob(CHAPTER))
     if not chapters:
         raise MarkerError(f"no chapters {CHAPTER} in {src}; pass --src with the notebooks folder")

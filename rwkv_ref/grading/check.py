@@ -91,8 +91,17 @@ def compare(got, expected, ex: Exercise) -> None:
         if not bool(close.all()):
             where = tuple(int(i) for i in (~close).nonzero()[0])
             dtype = "" if g.dtype == e.dtype else f" (got {g.dtype}, expected {e.dtype})"
+            first = _distinct(e[where].item(), g[where].item())
             raise Mismatch(f"{name}: expected {show(e)}, got {show(g)}; first difference at "
-                           f"{where}: {e[where].item():.6g} vs {g[where].item():.6g}{dtype}")
+                           f"{where}: {first}{dtype}")
+
+
+def _distinct(expected: float, got: float) -> str:
+    """"expected X, got Y" with as many digits as it takes to tell them apart."""
+    for digits in (6, 10, 17):
+        if f"{expected:.{digits}g}" != f"{got:.{digits}g}":
+            break
+    return f"expected {expected:.{digits}g}, got {got:.{digits}g}"
 
 
 def _one_line(e: BaseException) -> str:

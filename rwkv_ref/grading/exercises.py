@@ -63,6 +63,8 @@ class Exercise:
 
 # ----------------------------------------------------------------------------- the WKV
 
+_WKV_ARGS = ("w", "u", "k", "v")
+
 
 @st.composite
 def _one_token(draw, stable: bool = True):
@@ -113,6 +115,11 @@ def _chunked_call(fn, c):
 
 
 @st.composite
+def _wkv_case(draw):
+    return dict(zip(_WKV_ARGS, draw(wkv_inputs())))
+
+
+@st.composite
 def _backward_case(draw):
     w, u, k, v = draw(wkv_inputs(max_T=5))
     return dict(w=w, u=u, k=k, v=v, gy=draw(tensors(k.shape, -3.0, 3.0)))
@@ -123,7 +130,9 @@ def _backward_ref(c):
     leaves = [c[n].requires_grad_() for n in ("w", "u", "k", "v")]
     with torch.enable_grad():
         y, _ = wkv(*leaves, impl="logspace")
-        return torch.autograd.grad((y * c["gy"]).sum(), leaves)
+        # with T = 1, y does not depend on w: its gradient is then zero
+        return torch.autograd.grad((y * c["gy"]).sum(), leaves, allow_unused=True,
+                                   materialize_grads=True)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -165,7 +174,8 @@ def _model_case(draw):
     if prefix:
         prefix = torch.tensor(prefix).T                  # (B, T0)
         with torch.no_grad():
-            state = Described(model.value(prefix)[1], f"model(torch.tensor({prefix.tolist()}))[1]")
+            state = Described(model.value(prefix)[1],
+                              f"model(torch.tensor({prefix.tolist()}))[1]")
     return dict(model=model, idx=idx, state=state)
 
 
@@ -202,10 +212,8 @@ def _sampling_case(draw):
 
 # ----------------------------------------------------------------------------- the table
 
-_WKV_ARGS = ("w", "u", "k", "v")
-
 EXERCISES: dict[str, Exercise] = {ex.name: ex for ex in [
-    Exercise("wkv_loops", 2, _WKV_ARGS, ("y",), wkv_inputs(),
+    Exercise("wkv_loops", 2, _WKV_ARGS, ("y",), _wkv_case(),
              lambda c: wkv(c["w"], c["u"], c["k"], c["v"], impl="naive")[0]),
     Exercise("stable_step", 3, ("w", "u", "k_t", "v_t", "a", "b", "p"), ("y_t", "a", "b", "p"),
              _stable_step_case(), _stable_step_ref),
