@@ -8,13 +8,15 @@ expected and got values. Seeds are fixed so that CI is deterministic.
 import importlib
 import re
 import runpy
+import sys
+import types
 from pathlib import Path
 
 import nbformat
 import pytest
 
 from rwkv_ref import grade
-from rwkv_ref.grading.check import FAILED, check
+from rwkv_ref.grading.check import FAILED, UNAVAILABLE, check
 from rwkv_ref.grading.exercises import EXERCISES
 from rwkv_ref.student import student_notebook
 
@@ -154,3 +156,11 @@ def test_same_seed_same_counterexample():
     exec(mutant("merge-smaller_exponent"), namespace)
     first, second = (check(EXERCISES["merge"], namespace["merge"], seed=7) for _ in range(2))
     assert first.status == FAILED and first.lines == second.lines
+
+
+def test_a_missing_reference_is_reported_not_passed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "rwkv_ref.sampling", types.ModuleType("rwkv_ref.sampling"))
+    namespace = {}
+    exec(solution("sampling_probs"), namespace)
+    verdict = check(EXERCISES["sampling_probs"], namespace["sampling_probs"], seed=1)
+    assert verdict.status == UNAVAILABLE and "next_token_probs" in verdict.lines[0]

@@ -15,12 +15,11 @@ from typing import Any, Callable
 import torch
 from hypothesis import assume, strategies as st
 
+from rwkv_ref.grading.draw import (Described, clone, decay_rates, models, offsets, tensors,
+                                   wkv_inputs, wkv_states)
 from rwkv_ref.model import token_shift
 from rwkv_ref.state import LayerState
 from rwkv_ref.wkv import WKVState, _merge, wkv, wkv_step
-
-from rwkv_ref.grading.draw import (Described, clone, decay_rates, models, offsets, tensors,
-                                   wkv_inputs, wkv_states)
 
 
 class ReferenceMissing(Exception):

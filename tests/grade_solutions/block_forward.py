@@ -1,11 +1,12 @@
 # EXERCISE block_forward: one block in GPT mode, continuing from its state
 import torch
+
 from rwkv_ref.state import LayerState
 
 
 def block_forward(block, x, state):
     """Args: block a Block; x (B, T, C); state a LayerState. Returns: x (B, T, C), state."""
-    ### BEGIN SOLUTION hint: the token before x[:, 0] is the carried att_x (for att) and ffn_x (for ffn)
+    ### BEGIN SOLUTION hint: the token before x[:, 0] is the carried att_x (att), ffn_x (ffn)
     if block.layer_id == 0:
         x = block.ln0(x)
     xa = block.ln1(x)

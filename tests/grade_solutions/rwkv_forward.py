@@ -8,7 +8,7 @@ def rwkv_forward(model, idx, state):
 
     Returns: logits (B, T, V) and the state after the last token.
     """
-    ### BEGIN SOLUTION hint: embed, ln0, then per block x += att(ln1 x), x += ffn(ln2 x), then ln_out and head
+    ### BEGIN SOLUTION hint: emb, ln0, per block x += att(ln1 x), x += ffn(ln2 x), ln_out, head
     if state is None:
         state = model.empty_state(idx.shape[0])
     x = model.blocks[0].ln0(model.emb(idx))                            # (B, T, C)

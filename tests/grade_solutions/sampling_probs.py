@@ -7,7 +7,7 @@ def sampling_probs(logits, temperature, top_k, top_p):
 
     Returns: probs (B, V), each row summing to 1.
     """
-    ### BEGIN SOLUTION hint: temperature first, then top_k, then keep tokens while the mass BEFORE them is below top_p
+    ### BEGIN SOLUTION hint: temperature, top_k, then keep while the mass BEFORE a token < top_p
     scaled = logits.float() / temperature
     if top_k is not None:
         kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]   # (B, 1)

@@ -1,11 +1,12 @@
 # EXERCISE time_mixing: att in GPT mode from its parameters
 import torch
+
 from rwkv_ref.wkv import wkv
 
 
 def time_mixing(att, x, x_prev, state):
     """Args: att a TimeMixing; x, x_prev (B, T, C); state a WKVState. Returns: out, state."""
-    ### BEGIN SOLUTION hint: r, k, v from x and x_prev mixed by time_mix_*; WKV with w = exp(time_decay); W_o(sigmoid(r) * wkv)
+    ### BEGIN SOLUTION hint: mix by time_mix_*, WKV with w = exp(time_decay), W_o(sigmoid(r) * y)
     def shifted(mu):
         mu = mu.reshape(-1)
         return x * mu + x_prev * (1 - mu)

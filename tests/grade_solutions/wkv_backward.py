@@ -10,7 +10,7 @@ def wkv_backward(w, u, k, v, gy):
     T = k.shape[1]
     gw, gu = torch.zeros_like(w), torch.zeros_like(u)
     gk, gv = torch.zeros_like(k), torch.zeros_like(v)
-    ### BEGIN SOLUTION hint: y_s is a weighted mean of values: raising one weight's exponent moves y_s by weight/den * (v_i - y_s)
+    ### BEGIN SOLUTION hint: moving one exponent moves y_s by weight/den * (v_i - y_s)
     for s in range(T):
         bonus = torch.exp(u + k[:, s])                                   # (B, C)
         past = [torch.exp(-(s - 1 - i) * w + k[:, i]) for i in range(s)]

@@ -1,5 +1,6 @@
 # EXERCISE wkv_chunked: GPT mode, chunk by chunk as a masked softmax, the state carried along
 import torch
+
 from rwkv_ref.wkv import WKVState
 
 
@@ -8,7 +9,7 @@ def wkv_chunked(w, u, k, v, state, chunk):
     ys = []
     for start in range(0, k.shape[1], chunk):
         kc, vc = k[:, start:start + chunk], v[:, start:start + chunk]   # (B, L, C)
-        ### BEGIN SOLUTION hint: output t scores token i < t by k_i - (t-1-i)w, itself by u+k_t, the state by p - t w
+        ### BEGIN SOLUTION hint: score i < t by k_i - (t-1-i)w, t by u+k_t, the state by p - t w
         L = kc.shape[1]
         pos = torch.arange(L, dtype=k.dtype)
         gap = pos[:, None] - pos[None, :]                                # (L, L): t - i

@@ -6,7 +6,7 @@ def wkv_loops(w, u, k, v):
     """WKV from the empty state. Args: w, u (C,); k, v (B, T, C). Returns: y (B, T, C)."""
     T = k.shape[1]
     y = torch.empty_like(v)
-    ### BEGIN SOLUTION hint: start num, den with the bonus term e^{u+k_t}, then add e^{-(t-1-i)w+k_i} for each i < t
+    ### BEGIN SOLUTION hint: start from the bonus term e^{u+k_t}, add e^{-(t-1-i)w+k_i} per i < t
     for t in range(T):
         num = torch.exp(u + k[:, t]) * v[:, t]             # (B, C): the current token
         den = torch.exp(u + k[:, t])
