@@ -82,6 +82,8 @@ def test_student_edition_is_not_yet_implemented(tmp_path, capsys):
     assert code == 1, out
     for name in GRADABLE:
         assert f"not yet implemented: {name}: " in status_line(out, name), out
+    assert run_grade(capsys, student, "--expect-stubs")[0] == 0
+    assert run_grade(capsys, path, "--expect-stubs")[0] == 1     # solutions are not stubs
 
 
 @pytest.mark.parametrize("mutant_id", list(MUTANTS))
@@ -131,6 +133,12 @@ def test_other_exceptions_are_errors_with_their_message(tmp_path, capsys):
     assert code == 1
     assert status_line(out, "merge").split()[1] == "error"
     assert "raised ValueError: no batches" in out
+
+
+def test_a_notebook_without_exercises_is_not_run(tmp_path, capsys):
+    path = write_notebook(tmp_path / "01_intro.ipynb", ["raise RuntimeError('never run')"])
+    code, out = run_grade(capsys, path)
+    assert code == 0 and "0 code cells run" in out and "no exercises" in out
 
 
 def test_unknown_exercise_is_an_error(tmp_path, capsys):
