@@ -83,7 +83,8 @@ def test_student_edition_is_not_yet_implemented(tmp_path, capsys):
     for name in GRADABLE:
         assert f"not yet implemented: {name}: " in status_line(out, name), out
     assert run_grade(capsys, student, "--expect-stubs")[0] == 0
-    assert run_grade(capsys, path, "--expect-stubs")[0] == 1     # solutions are not stubs
+    done = write_notebook(tmp_path / "done.ipynb", [solution("merge")])
+    assert run_grade(capsys, done, "--expect-stubs")[0] == 1     # a solution is not a stub
 
 
 @pytest.mark.parametrize("mutant_id", list(MUTANTS))
