@@ -7,9 +7,10 @@ student writes is enclosed in ``### BEGIN SOLUTION hint: <hint>`` ... ``### END 
 (the contract, ``EXERCISES.md``). Each region, both marker lines included, becomes
 ``raise NotImplementedError("<name>: <hint>")`` at the BEGIN marker's indentation. Everything
 else stays; outputs are stripped. Only the chapters ``NN_*.ipynb`` are read, so no solutions
-notebook is copied. The markers are checked in every chapter before anything is written: a
-BEGIN without END, nested regions, an exercise cell without a region and a region outside an
-exercise cell are refused with one line naming the notebook, the cell and the line.
+notebook is copied (links to ``solutions/`` are pointed at the chapters' folder). The markers
+are checked in every chapter before anything is written: a BEGIN without END, nested regions,
+an exercise cell without a region and a region outside an exercise cell are refused with one
+line naming the notebook, the cell (counted from 0, markdown included) and the line.
 
 A student notebook that already exists and differs from the fresh edition (the student's
 work, say) is never overwritten without ``--force``.
@@ -17,6 +18,7 @@ work, say) is never overwritten without ``--force``.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -114,11 +116,13 @@ def stub_cell(source: str, where: str) -> str:
     return "\n".join(out)
 
 
-def student_notebook(nb, name: str):
+def student_notebook(nb, name: str, solutions: str = "solutions"):
     """The student edition of one chapter (a new notebook; ``nb`` is not modified).
 
     Args:
         nb: an nbformat v4 notebook.  name: its file name, for error messages.
+        solutions: where the solutions folder is seen from the edition; markdown links
+            ``](solutions/`` are pointed there (the edition has no solutions of its own).
     Returns:
         The notebook with stubs in place of the solution regions and no outputs.
     """
@@ -126,6 +130,8 @@ def student_notebook(nb, name: str):
 
     nb = nbformat.from_dict(nb)  # a deep copy
     for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown":
+            cell.source = cell.source.replace("](solutions/", f"]({solutions}/")
         if cell.cell_type != "code":
             continue
         cell.source = stub_cell(cell.source, f"{name}, cell {index}")
@@ -159,8 +165,9 @@ def write_student_edition(src: Path, out: Path, force: bool = False) -> list[Pat
     chapters = sorted(src.glob(CHAPTER))
     if not chapters:
         raise MarkerError(f"no chapters {CHAPTER} in {src}; pass --src with the notebooks folder")
-    editions = {out / p.name: nbformat.writes(student_notebook(_read(p), str(p))) + "\n"
-                for p in chapters}
+    solutions = Path(os.path.relpath(src / "solutions", out)).as_posix()
+    editions = {out / p.name: nbformat.writes(student_notebook(_read(p), str(p), solutions))
+                + "\n" for p in chapters}
     changed = [str(p) for p, text in editions.items()
                if p.exists() and p.read_text(encoding="utf-8") != text]
     if changed and not force:

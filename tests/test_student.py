@@ -73,7 +73,8 @@ BROKEN = {
 
 
 def write_chapter(path: Path, sources: list[str], outputs: bool = False) -> Path:
-    cells = [nbformat.v4.new_markdown_cell("# Chapter\n### BEGIN SOLUTION (prose may say it)")]
+    cells = [nbformat.v4.new_markdown_cell("# Chapter\n### BEGIN SOLUTION (prose may say it)\n"
+                                           "Solutions: [here](solutions/x_solutions.ipynb)")]
     for s in sources:
         cell = nbformat.v4.new_code_cell(s)
         if outputs:
@@ -107,7 +108,8 @@ def test_edition_strips_outputs_skips_solutions_and_guards_student_work(tmp_path
     assert sorted(p.name for p in out.rglob("*")) == ["03_stable.ipynb", "README.md"]
     nb = nbformat.read(out / "03_stable.ipynb", as_version=4)
     nbformat.validate(nb)
-    assert nb.cells[0].source.startswith("# Chapter")   # prose untouched
+    assert nb.cells[0].source.startswith("# Chapter")   # prose untouched, but the link
+    assert "[here](../notebooks/solutions/x_solutions.ipynb)" in nb.cells[0].source
     assert all(c.outputs == [] and c.execution_count is None for c in nb.cells[1:])
     assert "NotImplementedError" in nb.cells[1].source and nb.cells[2].source == "merge(1, 2)"
     assert "python -m rwkv_ref.grade" in (out / "README.md").read_text()
