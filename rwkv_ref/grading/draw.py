@@ -17,10 +17,7 @@ from rwkv_ref.model import RWKVConfig
 from rwkv_ref.state import LayerState, RWKVState
 from rwkv_ref.wkv import EMPTY_P, WKVState
 
-try:  # the lead is moving random_model from rwkv_ref.convert to rwkv_ref.testing
-    from rwkv_ref.testing import random_model
-except ImportError:
-    from rwkv_ref.convert import random_model
+from rwkv_ref.testing import random_model
 
 F64 = torch.float64
 
