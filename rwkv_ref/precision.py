@@ -123,12 +123,12 @@ def precision_rows(impls=None, dtypes=DTYPES, lengths=LENGTHS, channels: int = 3
                     start = time.perf_counter()
                     with torch.no_grad():
                         y = run_variant(impl, *rounded, compute=compute)
-                    rows.append(dict(impl=impl, dtype=str(dtype).replace("torch.", ""),
-                                     compute=compute, T=T,
-                                     rel_err=relative_error(y, y_exact),
-                                     compute_err=relative_error(y, y_rounded),
-                                     finite=bool(torch.isfinite(y).all()),
-                                     seconds=time.perf_counter() - start))
+                    rows.append({"impl": impl, "dtype": str(dtype).replace("torch.", ""),
+                                     "compute": compute, "T": T,
+                                     "rel_err": relative_error(y, y_exact),
+                                     "compute_err": relative_error(y, y_rounded),
+                                     "finite": bool(torch.isfinite(y).all()),
+                                     "seconds": time.perf_counter() - start})
     return rows
 
 
@@ -282,10 +282,10 @@ def fp16_rows(model, idx: Tensor, every: int) -> list[dict]:
             m = copy.deepcopy(base).to(dtype)
             with torch.no_grad():
                 logits = m(idx)[0]
-            rows.append(dict(rescaled=rescaled, dtype=str(dtype).replace("torch.", ""),
-                             peak=residual_peaks(m, idx)[-1],
-                             finite=bool(torch.isfinite(logits).all()),
-                             rel_err=relative_error(logits.float(), reference.double())))
+            rows.append({"rescaled": rescaled, "dtype": str(dtype).replace("torch.", ""),
+                             "peak": residual_peaks(m, idx)[-1],
+                             "finite": bool(torch.isfinite(logits).all()),
+                             "rel_err": relative_error(logits.float(), reference.double())})
     return rows
 
 
@@ -308,10 +308,10 @@ def main(argv=None) -> None:
                         generator=torch.Generator().manual_seed(0))
     every = 2
     lines = ["# WKV precision in float32, bfloat16 and float16", "",
-             f"C = {args.channels}, B = 1, k ~ N(0, 4^2), w in [0.0025, 2.7]; reference: "
-             "logspace in float64 on the exact inputs. `(native)`: the variant's arithmetic "
-             "in the input dtype; otherwise half inputs are computed in float32 as "
-             "rwkv_ref.wkv does.", "", markdown_table(rows),
+             (f"C = {args.channels}, B = 1, k ~ N(0, 4^2), w in [0.0025, 2.7]; reference: "
+              "logspace in float64 on the exact inputs. `(native)`: the variant's arithmetic "
+              "in the input dtype; otherwise half inputs are computed in float32 as "
+              "rwkv_ref.wkv does."), "", markdown_table(rows),
              f"## A {model.config.n_layer}-layer model whose residual stream grows with depth",
              "", f"rescaled: `rescale_for_fp16(model, every={every})`", "",
              "| rescaled | dtype | max abs(x) after the last block | logits finite | rel. error |",

@@ -15,7 +15,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from rwkv_ref import scan
@@ -111,8 +112,8 @@ def tolerance(dtype, scale):
     """float64: rounding only. float32: about 1e-6 relative per exponent of size ``scale``,
     and a few float32 ulps on values of size ~1."""
     if dtype == F64:
-        return dict(rtol=1e-9, atol=1e-9)
-    return dict(rtol=1e-4, atol=2e-4 * (1 + scale / 30))
+        return {"rtol": 1e-9, "atol": 1e-9}
+    return {"rtol": 1e-4, "atol": 2e-4 * (1 + scale / 30)}
 
 
 def assert_states_close(s1, s2, **tol):
