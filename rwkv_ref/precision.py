@@ -140,8 +140,8 @@ def _label(row: dict) -> str:
 
 
 def plot_precision(rows: list[dict], path) -> None:
-    """One panel per dtype: rel_err against T for every variant; non-finite outputs as x at
-    the top of the panel. Writes a PNG to ``path``."""
+    """One panel per dtype: rel_err against T for every variant (one colour each; dashed:
+    native half arithmetic); non-finite outputs as x at the top. Writes a PNG to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,14 +152,16 @@ def plot_precision(rows: list[dict], path) -> None:
                              squeeze=False)
     for ax, dtype in zip(axes[0], dtypes):
         mine = [row for row in rows if row["dtype"] == dtype]
-        for i, label in enumerate(dict.fromkeys(map(_label, mine))):
+        colors = {impl: f"C{i}" for i, impl in enumerate(dict.fromkeys(r["impl"] for r in rows))}
+        for label in dict.fromkeys(map(_label, mine)):     # one colour per variant
             line = [row for row in mine if _label(row) == label]
+            color = colors[line[0]["impl"]]
             ok = [row for row in line if row["finite"]]
             style = "--" if "native" in label else "-"
             ax.loglog([r["T"] for r in ok], [max(r["rel_err"], 1e-17) for r in ok], style,
-                      marker="o", color=f"C{i}", label=label)
+                      marker="o", color=color, label=label)
             bad = [row["T"] for row in line if not row["finite"]]
-            ax.loglog(bad, [1.0] * len(bad), "x", color=f"C{i}", markersize=10)
+            ax.loglog(bad, [1.0] * len(bad), "x", color=color, markersize=10)
         ax.set(title=f"inputs in {dtype} (x: inf or nan)", xlabel="sequence length T")
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("max |y - y64| / max |y64|")
