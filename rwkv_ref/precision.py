@@ -35,8 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rwkv_ref.scan import wkv_scan
-from rwkv_ref.wkv import WKV_IMPLS, WKVState, check_inputs, wkv
+from rwkv_ref.wkv import WKV_IMPLS, WKVState, wkv
 
 _wkv_module = importlib.import_module("rwkv_ref.wkv")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -47,8 +46,7 @@ COMPILED = ("cpp", "cuda")  # float32 kernels: no native half-precision rows
 
 def default_impls() -> tuple[str, ...]:
     """Every variant that runs on the CPU, the scan included."""
-    names = [name for name in WKV_IMPLS if name != "cuda"]
-    return tuple(names + ["scan"] * ("scan" not in names))
+    return tuple(name for name in WKV_IMPLS if name != "cuda")
 
 
 def make_inputs(T: int, channels: int, seed: int = 0, key_scale: float = 4.0):
@@ -70,20 +68,14 @@ def run_variant(impl: str, w: Tensor, u: Tensor, k: Tensor, v: Tensor, compute: 
             ``"native"``: the variant's own arithmetic in the dtype of the inputs.
     """
     B, _, C = k.shape
-    pure = {**_wkv_module._PURE, "scan": wkv_scan}
+    pure = _wkv_module._PURE
     if compute == "native":
         # EMPTY_P (-1e38) does not fit fp16: the empty state's p is the dtype's lowest number
         empty = WKVState.empty(B, C, torch.float32)
         empty = WKVState(*(x.to(k.dtype) for x in empty[:2]),
                          torch.full_like(empty.p, torch.finfo(k.dtype).min, dtype=k.dtype))
         return pure[impl](w, u, k, v, empty)[0]
-    if impl in WKV_IMPLS:
-        return wkv(w, u, k, v, impl=impl)[0]
-    # the scan while rwkv_ref.wkv does not list it yet: the same check and cast as there
-    check_inputs(w, u, k, v, None)
-    dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
-    y, _ = wkv_scan(*(x.to(dtype) for x in (w, u, k, v)), WKVState.empty(B, C, dtype))
-    return y.to(k.dtype)
+    return wkv(w, u, k, v, impl=impl)[0]
 
 
 def relative_error(y: Tensor, y_ref: Tensor) -> float:
@@ -240,8 +232,8 @@ def grown_model(n_layer: int = 12, n_embd: int = 64, growth: float = 2.5, seed: 
     Returns:
         ``rwkv_ref.RWKV`` in float32 (``wkv_impl="logspace"``).
     """
-    from rwkv_ref.convert import random_model
     from rwkv_ref.model import RWKVConfig
+    from rwkv_ref.testing import random_model
 
     config = RWKVConfig(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd,
                         wkv_impl="logspace")

@@ -1,6 +1,6 @@
 """WKV as a parallel prefix scan: every state of a sequence in ceil(log2 T) rounds of ⊕.
 
-The merge ⊕ of two scaled states (``rwkv_ref.wkv._merge``) is associative and has the empty
+The merge ⊕ of two scaled states (``rwkv_ref.state.merge``) is associative and has the empty
 state as identity. A run of tokens s..e-1 is summarised by the state it leaves behind, with
 every exponent counted from its last token::
 
@@ -24,7 +24,8 @@ import math
 import torch
 from torch import Tensor
 
-from rwkv_ref.wkv import WKVState, _merge
+from rwkv_ref.state import WKVState
+from rwkv_ref.state import merge as _merge
 
 
 def join(left: WKVState, right: WKVState, right_length: int, w: Tensor) -> WKVState:

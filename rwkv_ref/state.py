@@ -53,6 +53,17 @@ class WKVState(NamedTuple):
         return WKVState(self.a, self.b, self.p - amount)
 
 
+def merge(x: WKVState, y: WKVState) -> WKVState:
+    """The sum of two scaled sums, ``x ⊕ y``: (a1 e^{p1} + a2 e^{p2}), rebased on the larger
+    exponent. Associative, with the empty state as identity (the WKV state is a monoid).
+
+    Args/Returns: ``WKVState``s of matching shapes.
+    """
+    p = torch.maximum(x.p, y.p)
+    sx, sy = torch.exp(x.p - p), torch.exp(y.p - p)
+    return WKVState(sx * x.a + sy * y.a, sx * x.b + sy * y.b, p)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the WKV sums are computed and kept in: float64 stays float64; float32, bf16
     and fp16 are computed in float32. The one place this rule is written."""

@@ -21,6 +21,7 @@ this canonical ``p``, so states from different variants can be compared and hand
 ``logspace``   the official kernel's algorithm: one scan with a running maximum
 ``recurrent``  RNN mode: ``wkv_step`` applied one token at a time
 ``parallel``   GPT mode: a per-channel masked softmax over time, chunk by chunk
+``scan``       a log-depth parallel prefix scan over the state monoid (``rwkv_ref.scan``)
 ``cpp``        the compiled scan of ``kernels/`` on the CPU (hand-written backward)
 ``cuda``       the same scan body compiled for the GPU
 =============  ==========================================================================
@@ -33,9 +34,11 @@ import torch
 from torch import Tensor
 
 from rwkv_ref import kernel
+from rwkv_ref.scan import wkv_scan
 from rwkv_ref.state import EMPTY_P, WKVState, compute_dtype  # noqa: F401 (re-exported)
+from rwkv_ref.state import merge as _merge
 
-WKV_IMPLS = ("naive", "logspace", "recurrent", "parallel", "cpp", "cuda")
+WKV_IMPLS = ("naive", "logspace", "recurrent", "parallel", "scan", "cpp", "cuda")
 
 # ----------------------------------------------------------------------------- checks
 
@@ -164,13 +167,6 @@ def wkv_logspace(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKVState):
 # ----------------------------------------------------------------------------- recurrent
 
 
-def _merge(x: WKVState, y: WKVState) -> WKVState:
-    """The sum of two scaled sums: (a1 e^{p1} + a2 e^{p2}), rebased on the larger exponent."""
-    p = torch.maximum(x.p, y.p)
-    sx, sy = torch.exp(x.p - p), torch.exp(y.p - p)
-    return WKVState(sx * x.a + sy * y.a, sx * x.b + sy * y.b, p)
-
-
 def wkv_step(w: Tensor, u: Tensor, k_t: Tensor, v_t: Tensor, state: WKVState):
     """One token of RNN mode: read the output, then write the token into the state.
 
@@ -262,6 +258,7 @@ _PURE = {
     "logspace": wkv_logspace,
     "recurrent": wkv_recurrent,
     "parallel": wkv_parallel,
+    "scan": wkv_scan,
 }
 _warned: set[str] = set()
 

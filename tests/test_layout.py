@@ -14,7 +14,8 @@ FLOORS = {
     "tokenizer": set(),
     "sampling": set(),
     "kernel": {"state"},
-    "wkv": {"kernel", "state"},
+    "scan": {"state"},
+    "wkv": {"kernel", "scan", "state"},
     "gpt": {"sampling", "tokenizer"},
 }
 

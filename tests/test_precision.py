@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rwkv_ref import precision
-from rwkv_ref.convert import random_model
+from rwkv_ref.testing import random_model
 from rwkv_ref.model import RWKVConfig
 
 F64 = torch.float64

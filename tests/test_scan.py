@@ -6,8 +6,7 @@ must agree with it and with every other variant: outputs, states, every gradient
 handed over in both directions. Its building block ⊕ must be associative with the empty state
 as identity.
 
-Until ``rwkv_ref.wkv`` lists "scan", a module fixture adds it to ``WKV_IMPLS`` and the dispatch
-table, so every call below goes through ``rwkv_ref.wkv(..., impl=...)`` and its checks and casts.
+Every call below goes through ``rwkv_ref.wkv(..., impl=...)``, with its checks and casts.
 """
 import importlib
 import math
@@ -28,13 +27,8 @@ OTHERS = ["naive", "logspace", "recurrent", "parallel", "cpp"]
 NAIVE_SAFE = {F64: 20.0, F32: 5.0}          # |k|, |u| below which naive's e^k cannot overflow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def scan_is_dispatched():
-    with pytest.MonkeyPatch.context() as patch:
-        if "scan" not in wkv_module.WKV_IMPLS:
-            patch.setattr(wkv_module, "WKV_IMPLS", wkv_module.WKV_IMPLS + ("scan",))
-        patch.setitem(wkv_module._PURE, "scan", scan.wkv_scan)
-        yield
+def test_scan_is_a_registered_variant():
+    assert "scan" in wkv_module.WKV_IMPLS and wkv_module._PURE["scan"] is scan.wkv_scan
 
 
 # ----------------------------------------------------------------------------- reference

@@ -267,10 +267,6 @@ def test_auto_falls_back_with_one_warning_when_no_kernel(monkeypatch):
     torch.testing.assert_close(y, wkv(w, u, k, v, impl="naive")[0])
 
 
-def test_impls_are_listed():
-    assert set(WKV_IMPLS) == {"naive", "logspace", "recurrent", "parallel", "cpp", "cuda"}
-
-
 # ------------------------------------------------------------------- bad input
 
 
