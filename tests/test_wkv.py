@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from rwkv_ref import WKV_IMPLS, WKVState, wkv, wkv_step
+from rwkv_ref import WKVState, wkv, wkv_step
 from rwkv_ref.wkv import EMPTY_P, wkv_parallel
 
 
