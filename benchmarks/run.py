@@ -1,6 +1,6 @@
 """``make bench``: every benchmark in one run, each printing its figures beside its reference.
 
-Usage: ``python -m benchmarks.run [wkv] [decode] [train]`` (default: all). Figures and plots
+Usage: ``python -m benchmarks.run [wkv] [scan] [decode] [train]`` (default: all). Figures and plots
 also go to ``out/bench/``. Nothing here asserts anything about time.
 """
 import importlib
@@ -11,6 +11,7 @@ import torch
 
 BENCHMARKS = {
     "wkv": "benchmarks.bench_wkv",        # WKV variants vs transformers' CPU path; time vs T
+    "scan": "benchmarks.bench_scan",      # the parallel-scan WKV: work, depth, time vs T
     "decode": "benchmarks.bench_decode",  # RNN-mode decoding vs the official rwkv package
     "train": "benchmarks.bench_train",    # training throughput vs the GPT baseline
 }
