@@ -29,12 +29,21 @@ KERNELS = Path(kernel.__file__).resolve().parent.parent / "kernels"
 REL = {torch.float64: 1e-11, torch.float32: 2e-5}
 
 
-def _cpp():
-    """The cpp extension, or skip with the reason (e.g. no compiler) if it cannot be built."""
-    reason = kernel.unavailable_reason("cpp")
+def require_kernel(name):
+    """The extension of kernel ``name``. Skips only where this machine cannot build it at all
+    (no C++ compiler, no GPU: ``kernel.missing_tool``); a kernel that fails to build or fails
+    its self-check FAILS the test, so a broken kernel is never silently left out."""
+    missing = kernel.missing_tool(name)
+    if missing is not None:
+        pytest.skip(f"{name} kernel cannot be built here: {missing}")
+    reason = kernel.unavailable_reason(name)
     if reason is not None:
-        pytest.skip(f"cpp WKV kernel unavailable: {reason}")
-    return kernel.extension("cpp")
+        pytest.fail(f"the {name} kernel is broken: {reason}")
+    return kernel.extension(name)
+
+
+def _cpp():
+    return require_kernel("cpp")
 
 
 def assert_close(actual, expected, rel, what=""):
