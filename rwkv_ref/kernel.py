@@ -288,21 +288,28 @@ def _(name, w, u, k, v, y, gy, a, b, p, ga, gb, gp):
             torch.empty_like(a), torch.empty_like(a), torch.empty_like(a))
 
 
-def _wkv_setup_context(ctx, inputs, output):
-    name, *tensors = inputs
-    ctx.name = name
-    ctx.save_for_backward(*tensors, output[0])   # states are recomputed, not saved
+class _WKVFunction:
+    """The autograd of ``rwkv_ref::wkv_forward``, in the two halves of a
+    ``torch.autograd.Function`` (registered with ``torch.library.register_autograd``): what
+    the forward saves, and the backward by the kernel's own scan (``rwkv_ref::wkv_backward``).
+    """
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        name, *tensors = inputs
+        ctx.name = name
+        ctx.save_for_backward(*tensors, output[0])   # states are recomputed, not saved
+
+    @staticmethod
+    def backward(ctx, gy, ga, gb, gp):
+        w, u, k, v, a, b, p, y = ctx.saved_tensors
+        grads = [torch.zeros_like(ref) if g is None else g.contiguous()
+                 for g, ref in ((gy, y), (ga, a), (gb, a), (gp, a))]
+        return (None, *_wkv_backward(ctx.name, w, u, k, v, y, *grads[:1], a, b, p, *grads[1:]))
 
 
-def _wkv_autograd(ctx, gy, ga, gb, gp):
-    w, u, k, v, a, b, p, y = ctx.saved_tensors
-    grads = [torch.zeros_like(ref) if g is None else g.contiguous()
-             for g, ref in ((gy, y), (ga, a), (gb, a), (gp, a))]
-    gy, ga, gb, gp = grads
-    return (None, *_wkv_backward(ctx.name, w, u, k, v, y, gy, a, b, p, ga, gb, gp))
-
-
-_wkv_forward.register_autograd(_wkv_autograd, setup_context=_wkv_setup_context)
+_wkv_forward.register_autograd(_WKVFunction.backward,
+                              setup_context=_WKVFunction.setup_context)
 
 
 def wkv_kernel(name: str, w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKVState):
