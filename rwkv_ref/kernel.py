@@ -11,11 +11,18 @@ of a token's time is matrix-vector products (``benchmarks/bench_decode.py``): ``
 (what ``rwkv_ref.model.Linear`` calls there), and ``block_step``, ``Block.step`` fused into
 one call. No autograd.
 
+Each is a PyTorch custom operator (``torch.library``: ``rwkv_ref::wkv_forward``,
+``wkv_backward``, ``rnn_linear``, ``rnn_block_step``) with a fake implementation for
+``torch.compile`` and, for WKV, autograd through the backward op: a compiled training step runs
+through the kernel in one graph.
+
 Nothing is compiled when ``rwkv_ref`` is imported: the first ``unavailable_reason(name)`` or
 ``wkv_kernel(name, ...)`` builds the extension with ``torch.utils.cpp_extension.load`` into
 torch's extension cache (``TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``). The
 extension's name carries a hash of the sources and flags, so an edited kernel is rebuilt and
-never confused with an old build. A failed build is remembered and explained, not raised.
+never confused with an old build. A failed build is remembered and explained, not raised. The
+first use on a device then checks the kernel against its reference (``register_check``); a
+kernel that fails is disabled for the process with one warning.
 """
 from __future__ import annotations
 
@@ -23,11 +30,11 @@ import hashlib
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from rwkv_ref.state import WKVState, compute_dtype
 
@@ -127,14 +134,24 @@ def _is_built(build_name: str) -> bool:
     return os.path.exists(os.path.join(folder, f"{build_name}.so"))
 
 
-def unavailable_reason(name: str) -> str | None:
-    """None if kernel ``name`` ("cpp", "cuda" or "rnn") can be used now, else why not.
+def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
+    """None if kernel ``name`` ("cpp", "cuda" or "rnn") can be used now on ``device``, else why.
 
-    The first call for a name builds (or loads) the extension; the result, success or the
-    reason for failure, is remembered for the rest of the process. Never raises.
+    The first call for a name builds (or loads) the extension; the first call for a name and
+    a device (None: the CPU, or the current GPU for "cuda") then runs the kernel's self-check
+    (``register_check``) there. Both results are remembered for the rest of the process; a
+    failed self-check disables the kernel with one warning. Never raises.
     """
     if name not in _SOURCES:
         return f"unknown kernel {name!r}; use one of {', '.join(map(repr, _SOURCES))}"
+    reason = _build_reason(name)
+    if reason is not None:
+        return reason
+    return _verdict(name, _device_of(name, device))
+
+
+def _build_reason(name: str) -> str | None:
+    """Build (or load) the extension once; None on success, else why it failed."""
     if name in _modules or name in _reasons:
         return _reasons.get(name)
     try:
@@ -150,6 +167,17 @@ def unavailable_reason(name: str) -> str | None:
     return reason
 
 
+# torch.compile runs the function while tracing and keeps its answer as a constant, instead
+# of tracing into the build and the self-check (which would break the graph).
+unavailable_reason = torch.compiler.assume_constant_result(unavailable_reason)
+
+
+def missing_tool(name: str) -> str | None:
+    """Why kernel ``name`` cannot even be built here (no compiler, no GPU...), else None: the
+    one reason a test may skip a kernel; any other failure is a bug."""
+    return _missing_tool(name) if name in _SOURCES else f"unknown kernel {name!r}"
+
+
 def extension(name: str):
     """The loaded extension module for kernel ``name``; RuntimeError saying why if unavailable.
 
@@ -157,29 +185,131 @@ def extension(name: str):
     -> [y, a, b, p]`` and ``backward(w, u, k, v, y, gy, a, b, p, ga, gb, gp) -> [gw, gu, gk,
     gv, ga_in, gb_in, gp_in]`` (w, u: (C,); k, v, y, gy: (B, T, C); states: (B, C)).
     """
-    reason = unavailable_reason(name)
+    reason = _build_reason(name) if name in _SOURCES else unavailable_reason(name)
     if reason is not None:
         raise RuntimeError(f"rwkv_ref: the {name} kernel is unavailable: {reason}")
     return _modules[name]
 
 
-class _WKVFunction(torch.autograd.Function):
-    """y, a, b, p = WKV(w, u, k, v, a_in, b_in, p_in), backward by the kernel's own scan."""
+# ----------------------------------------------------------------------------- self-checks
+# The first use of a kernel on a device runs it on a small random input against its reference
+# (registered by the module that owns the reference: rwkv_ref.wkv for "cpp"/"cuda",
+# rwkv_ref.model for "rnn"). A mismatch disables the kernel for the process, with one warning,
+# and the callers fall back to PyTorch ops. A compiler bug, an instruction set the loader
+# picked wrongly or an untested GPU then costs speed, never wrong numbers.
+
+FAILED_CHECK = "gave wrong results in its self-check"   # in the reason of a disabled kernel
+REPORT = ("Please report it (this message, your CPU or GPU model, and the output of "
+          "`python -m torch.utils.collect_env`) to the rwkv_ref issue tracker.")
+_checks: dict[str, object] = {}                # name -> check(device) -> problem or None
+_verdicts: dict[tuple[str, str], str | None] = {}   # (name, device) -> why disabled, or None
+
+
+def register_check(name: str, check) -> None:
+    """Make ``check(device) -> str | None`` the self-check of kernel ``name``: it runs the
+    kernel on a small random input on ``device`` and returns None if it matches its
+    reference, else what differed (e.g. "grad w: max error 0.3 > 1e-4")."""
+    _checks[name] = check
+
+
+def _device_of(name: str, device) -> torch.device:
+    """The device the kernel runs on: ``device``, else the CPU (or the current GPU)."""
+    if device is None:
+        device = "cuda" if name == "cuda" else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _verdict(name: str, device: torch.device) -> str | None:
+    """Run the registered self-check of ``name`` on ``device`` once; the remembered result."""
+    key = (name, str(device))
+    if key in _verdicts:
+        return _verdicts[key]
+    _verdicts[key] = None                    # the check itself calls the kernel
+    check = _checks.get(name)
+    try:
+        problem = None if check is None else _run_check(check, device)
+    except Exception as error:  # noqa: BLE001 - a kernel that crashes is one that fails
+        problem = f"it raised {type(error).__name__}: {str(error).strip()[-500:]}"
+    if problem is not None:
+        disable(name, device, problem)
+    return _verdicts[key]
+
+
+def _run_check(check, device: torch.device) -> str | None:
+    """``check(device)`` with gradients on, outside inference mode and autocast."""
+    with torch.inference_mode(False), torch.enable_grad(), \
+            torch.autocast(device.type, enabled=False):
+        return check(device)
+
+
+def disable(name: str, device: torch.device | str, problem: str) -> None:
+    """Turn kernel ``name`` off on ``device`` for the process, with one warning saying why."""
+    fallback = ("RNN mode runs on PyTorch ops" if name == "rnn"
+                else "impl='auto' uses the pure PyTorch 'parallel' variant")
+    reason = f"the {name} kernel {FAILED_CHECK} on {device} ({problem})"
+    _verdicts[(name, str(torch.device(device)))] = reason
+    warnings.warn(f"rwkv_ref: {reason}, so it is disabled for this process and {fallback} "
+                  f"(slower, same results). {REPORT}", RuntimeWarning, stacklevel=4)
+
+
+# ----------------------------------------------------------------------------- WKV as a torch op
+# The kernels are PyTorch custom operators (torch.library): torch.compile sees one opaque op
+# with a fake (meta) implementation giving the output shapes, and autograd calls the backward
+# op, so a compiled training step runs through the kernel without a graph break.
+
+
+@torch.library.custom_op("rwkv_ref::wkv_forward", mutates_args=())
+def _wkv_forward(name: str, w: Tensor, u: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+                 p: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """y, a, b, p = WKV(w, u, k, v, a_in, b_in, p_in) by the extension ``name``."""
+    y, a_out, b_out, p_out = extension(name).forward(w, u, k, v, a, b, p)
+    return y, a_out, b_out, p_out
+
+
+@_wkv_forward.register_fake
+def _(name, w, u, k, v, a, b, p):
+    return torch.empty_like(k), torch.empty_like(a), torch.empty_like(a), torch.empty_like(a)
+
+
+@torch.library.custom_op("rwkv_ref::wkv_backward", mutates_args=())
+def _wkv_backward(name: str, w: Tensor, u: Tensor, k: Tensor, v: Tensor, y: Tensor, gy: Tensor,
+                  a: Tensor, b: Tensor, p: Tensor, ga: Tensor, gb: Tensor, gp: Tensor,
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """gw, gu, gk, gv, ga_in, gb_in, gp_in by the extension's hand-derived backward scan."""
+    return tuple(extension(name).backward(w, u, k, v, y, gy, a, b, p, ga, gb, gp))
+
+
+@_wkv_backward.register_fake
+def _(name, w, u, k, v, y, gy, a, b, p, ga, gb, gp):
+    return (torch.empty_like(w), torch.empty_like(u), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(a), torch.empty_like(a), torch.empty_like(a))
+
+
+class _WKVFunction:
+    """The autograd of ``rwkv_ref::wkv_forward``, in the two halves of a
+    ``torch.autograd.Function`` (registered with ``torch.library.register_autograd``): what
+    the forward saves, and the backward by the kernel's own scan (``rwkv_ref::wkv_backward``).
+    """
 
     @staticmethod
-    def forward(ctx, module, w, u, k, v, a, b, p):
-        y, a_out, b_out, p_out = module.forward(w, u, k, v, a, b, p)
-        ctx.module = module
-        ctx.save_for_backward(w, u, k, v, a, b, p, y)  # states are recomputed, not saved
-        return y, a_out, b_out, p_out
+    def setup_context(ctx, inputs, output):
+        name, *tensors = inputs
+        ctx.name = name
+        ctx.save_for_backward(*tensors, output[0])   # states are recomputed, not saved
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gy, ga, gb, gp):
         w, u, k, v, a, b, p, y = ctx.saved_tensors
-        grads = ctx.module.backward(w, u, k, v, y, gy.contiguous(), a, b, p,
-                                    ga.contiguous(), gb.contiguous(), gp.contiguous())
-        return (None, *grads)   # no gradient for the module
+        grads = [torch.zeros_like(ref) if g is None else g.contiguous()
+                 for g, ref in ((gy, y), (ga, a), (gb, a), (gp, a))]
+        return (None, *_wkv_backward(ctx.name, w, u, k, v, y, *grads[:1], a, b, p, *grads[1:]))
+
+
+_wkv_forward.register_autograd(_WKVFunction.backward,
+                              setup_context=_WKVFunction.setup_context)
 
 
 def wkv_kernel(name: str, w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKVState):
@@ -195,12 +325,15 @@ def wkv_kernel(name: str, w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKV
         y: (B, T, C) and the ``WKVState`` after the last token, both in the compute dtype.
         Differentiable w.r.t. w, u, k, v and the three state tensors.
     Raises:
-        RuntimeError: the kernel is unavailable (the message says why and what to install).
+        RuntimeError: the kernel is unavailable or failed its self-check (the message says
+        why and what to install).
     """
-    module = extension(name)
+    reason = unavailable_reason(name, k.device)
+    if reason is not None:
+        raise RuntimeError(f"rwkv_ref: the {name} kernel is unavailable: {reason}")
     dtype = compute_dtype(k.dtype)
     args = [x.to(dtype).contiguous() for x in (w, u, k, v, *state)]
-    y, a, b, p = _WKVFunction.apply(module, *args)
+    y, a, b, p = _wkv_forward(name, *args)
     return y, WKVState(a, b, p)
 
 
@@ -224,6 +357,31 @@ def rnn_applies(x: Tensor, w: Tensor) -> bool:
             and unavailable_reason("rnn") is None)
 
 
+@torch.library.custom_op("rwkv_ref::rnn_linear", mutates_args=())
+def _rnn_linear(x: Tensor, w: Tensor) -> Tensor:
+    """(B, N) float32 = x (B, K) float32 @ w (N, K).T by the rnn extension."""
+    return extension("rnn").linear(x, w)
+
+
+@_rnn_linear.register_fake
+def _(x, w):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("rwkv_ref::rnn_block_step", mutates_args=())
+def _rnn_block_step(x: Tensor, att_x: Tensor, a: Tensor, b: Tensor, p: Tensor, ffn_x: Tensor,
+                    params: list[Tensor], matrices: list[Tensor], w: Tensor, u: Tensor,
+                    eps: float) -> list[Tensor]:
+    """One block of RNN mode by the rnn extension (see ``block_step``)."""
+    return extension("rnn").block_step(x, att_x, a, b, p, ffn_x, params, matrices, w, u, eps)
+
+
+@_rnn_block_step.register_fake
+def _(x, att_x, a, b, p, ffn_x, params, matrices, w, u, eps):
+    return [torch.empty_like(x), torch.empty_like(x), torch.empty_like(a),
+            torch.empty_like(a), torch.empty_like(a), torch.empty_like(x)]
+
+
 def matvec(x: Tensor, w: Tensor) -> Tensor:
     """``x @ w.T`` by the compiled kernel, summed in float32; the result in x's dtype.
 
@@ -235,7 +393,7 @@ def matvec(x: Tensor, w: Tensor) -> Tensor:
     Raises:
         RuntimeError: the kernel is unavailable (the message says why), or bad shapes.
     """
-    y = extension("rnn").linear(x.to(torch.float32).contiguous(), w)
+    y = _rnn_linear(x.to(torch.float32).contiguous(), w)
     return y.to(x.dtype)
 
 
@@ -255,4 +413,4 @@ def block_step(x: Tensor, att_x: Tensor, a: Tensor, b: Tensor, p: Tensor, ffn_x:
     Returns:
         [x, att_x, a, b, p, ffn_x] after this token, float32.
     """
-    return extension("rnn").block_step(x, att_x, a, b, p, ffn_x, params, matrices, w, u, eps)
+    return _rnn_block_step(x, att_x, a, b, p, ffn_x, params, matrices, w, u, eps)

@@ -36,6 +36,7 @@ rounding, twice as fast or more.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -403,8 +404,14 @@ class RWKV(nn.Module):
 
     def check_tokens(self, idx: Tensor, name: str, shape: str) -> None:
         """``ValueError`` unless idx holds token ids of this model in the given shape (see
-        ``rwkv_ref.tokenizer.check_token_ids``)."""
-        check_token_ids(idx, self.config.vocab_size, name, shape)
+        ``rwkv_ref.tokenizer.check_token_ids``). While ``torch.compile`` traces, the range
+        of the ids is not checked (reading them would break the graph): type, dtype and
+        shape are."""
+        if not torch.compiler.is_compiling():
+            check_token_ids(idx, self.config.vocab_size, name, shape)
+        elif (not isinstance(idx, Tensor) or idx.dtype.is_floating_point or idx.dtype.is_complex
+              or idx.dtype == torch.bool or idx.dim() != len(shape.strip("(,)").split(","))):
+            raise ValueError(f"{name} must be an integer tensor of token ids of shape {shape}")
 
     def _check_state(self, state: RWKVState | None, batch: int) -> RWKVState:
         """The empty state for None; else ``ValueError`` unless ``state`` fits this model."""
@@ -430,3 +437,54 @@ class RWKV(nn.Module):
 
     generate = sampling.generate
     stream = sampling.stream
+
+
+# ----------------------------------------------------------------------------- self-check
+
+
+def _rnn_self_check(device) -> str | None:
+    """The rnn kernel against the code it stands in for, on a small random block: ``matvec``
+    against ``F.linear`` and ``Block._kernel_step`` against the Python lines of ``Block.step``,
+    for float32 and bfloat16 weights. ``rwkv_ref.kernel`` runs it once before first use.
+
+    Returns:
+        None if all agree to 1e-4 relative to max(1, the largest value), else what differed.
+    """
+    g = torch.Generator().manual_seed(0)                  # never the global RNG
+    B, C, A, F_ = 3, 40, 24, 72
+    block = Block(RWKVConfig(vocab_size=2, n_layer=2, n_embd=C, dim_att=A, dim_ffn=F_), 1)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            z = torch.randn(p.shape, generator=g)
+            p.copy_(z / math.sqrt(p.shape[1]) if p.dim() == 2 else
+                    torch.rand(p.shape, generator=g) if "time_mix" in name else
+                    1 + 0.2 * z if name.endswith("ln1.weight") or name.endswith("ln2.weight")
+                    else z)
+    x, att_x, ffn_x = (torch.randn(B, C, generator=g) for _ in range(3))
+    wkv_state = WKVState(torch.randn(B, A, generator=g), torch.rand(B, A, generator=g) + 0.5,
+                         torch.randn(B, A, generator=g))
+    state = LayerState(att_x, wkv_state, ffn_x)
+    for dtype in (torch.float32, torch.bfloat16):
+        low = copy.deepcopy(block).to(dtype)
+        exact = copy.deepcopy(low).float()       # the same (rounded) weights, in float32
+        pairs = [("matvec", kernel.matvec(x, low.att.key.weight),
+                  F.linear(x, exact.att.key.weight))]
+        with torch.no_grad():
+            got_x, got = low._kernel_step(x, state)
+            kernel.RNN_KERNEL, was = False, kernel.RNN_KERNEL
+            try:
+                want_x, want = exact.step(x, state)
+            finally:
+                kernel.RNN_KERNEL = was
+        pairs += [("block_step x", got_x, want_x)]
+        pairs += [(f"block_step state {i}", a, b)
+                  for i, (a, b) in enumerate(zip(got.tensors(), want.tensors()))]
+        for what, a, b in pairs:
+            err = (a - b).abs().max().item()
+            scale = max(1.0, b.abs().max().item())
+            if not err <= 1e-4 * scale:                       # NaN fails too
+                return f"{what}, {dtype} weights: max error {err:.3g} > 1e-4 * {scale:.3g}"
+    return None
+
+
+kernel.register_check("rnn", _rnn_self_check)

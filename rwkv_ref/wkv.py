@@ -29,6 +29,7 @@ this canonical ``p``, so states from different variants can be compared and hand
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -71,7 +72,8 @@ def check_inputs(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKVState | N
     devices = {x.device for x in named.values()}
     if len(devices) > 1:
         raise ValueError(f"wkv: inputs are on different devices: {sorted(map(str, devices))}")
-    if not bool(torch.all(w > 0)):
+    # Reading w's values would break a torch.compile graph: checked in eager mode only.
+    if not torch.compiler.is_compiling() and not bool(torch.all(w > 0)):
         raise ValueError("wkv: w must be positive (w = exp(time_decay), the decay RATE); "
                          "got a value <= 0. Did you pass the official kernel's -exp(time_decay)?")
     if state is not None:
@@ -264,16 +266,65 @@ _warned: set[str] = set()
 
 
 def _auto_impl(device: torch.device) -> str:
-    """The compiled kernel for the device if it builds, else ``parallel`` with one warning."""
+    """The compiled kernel for the device if it builds and passes its self-check, else
+    ``parallel`` with one warning (a failed self-check has given its own)."""
     name = "cuda" if device.type == "cuda" else "cpp"
     problem = kernel.unavailable_reason(name)
+    if problem is None and device.type == "cuda":
+        problem = kernel.unavailable_reason(name, device)     # each GPU checks itself
     if problem is None:
         return name
     if name not in _warned:
         _warned.add(name)
-        warnings.warn(f"rwkv_ref: the {name} WKV kernel is unavailable, using the pure PyTorch "
-                      f"'parallel' variant instead (slower). Reason: {problem}", stacklevel=3)
+        if kernel.FAILED_CHECK not in problem:
+            warnings.warn(f"rwkv_ref: the {name} WKV kernel is unavailable, using the pure "
+                          f"PyTorch 'parallel' variant instead (slower). Reason: {problem}",
+                          stacklevel=3)
     return "parallel"
+
+
+# ----------------------------------------------------------------------------- self-check
+
+
+def _self_check(name: str, device: torch.device, tol: float = 1e-3) -> str | None:
+    """Kernel ``name`` on ``device`` against ``wkv_logspace`` in float64 on a small random
+    input: y, the outgoing state, and the gradients of a random loss on both w.r.t. w, u, k,
+    v and the incoming state. Run once per device by ``rwkv_ref.kernel`` before first use.
+
+    Returns:
+        None if every tensor agrees to ``tol`` relative to max(1, its largest value), else
+        which one differed and by how much.
+    """
+    g = torch.Generator().manual_seed(0)                  # never the global RNG
+    B, T, C = 2, 12, 35              # on the CPU: one SIMD block of 32 channels, 3 single ones
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    w = (4 * torch.rand(C, generator=g, dtype=torch.float64) - 3).exp()
+    inputs = [w, randn(C), 2 * randn(B, T, C), randn(B, T, C),        # w, u, k, v
+              randn(B, C), randn(B, C).abs() + 0.5, randn(B, C)]       # an arbitrary state
+    weights = [randn(B, T, C)] + [randn(B, C) for _ in range(3)]       # the loss on y, a, b, p
+
+    def run(fn, dtype, dev):
+        leaves = [x.to(dev, dtype).requires_grad_() for x in inputs]
+        y, state = fn(*leaves[:4], WKVState(*leaves[4:]))
+        loss = sum((t * c.to(dev, dtype)).sum() for t, c in zip((y, *state), weights))
+        return [y, *state, *torch.autograd.grad(loss, leaves)]
+
+    want = run(wkv_logspace, torch.float64, "cpu")
+    got = run(lambda *xs: kernel.wkv_kernel(name, *xs), torch.float32, device)
+    names = ["y", "state.a", "state.b", "state.p"] + [f"grad {n}" for n in "wukvabp"]
+    for what, x, ref in zip(names, got, want):
+        err = (x.detach().double().cpu() - ref).abs().max().item()
+        scale = max(1.0, ref.abs().max().item())
+        if not err <= tol * scale:                            # NaN fails too
+            return f"{what}: max error {err:.3g} > {tol:g} * {scale:.3g}"
+    return None
+
+
+for _name in ("cpp", "cuda"):
+    kernel.register_check(_name, partial(_self_check, _name))
 
 
 def wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKVState | None = None,
@@ -285,11 +336,12 @@ def wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKVState | None = Non
         u: (C,) bonus for the current token, ``time_first``.
         k, v: (B, T, C) keys and values.
         state: the ``WKVState`` before the first token, or None for the empty state.
-        impl: one of ``WKV_IMPLS`` or ``"auto"`` (the compiled kernel for the device, else
-            ``parallel``).
+        impl: one of ``WKV_IMPLS`` or ``"auto"`` (the compiled kernel for the device if it
+            builds and passes its self-check, else ``parallel``).
     Returns:
         y: (B, T, C) in the dtype of ``k``; state: ``WKVState`` after the last token, in
-        float32 (float64 for float64 inputs). The given state is never modified.
+        float32 (float64 for float64 inputs), whatever the autocast state: every variant
+        sums in that dtype. The given state is never modified.
     """
     if impl != "auto" and impl not in WKV_IMPLS:
         raise ValueError(f"wkv: unknown impl {impl!r}; choose one of {WKV_IMPLS} or 'auto'")
@@ -304,5 +356,7 @@ def wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKVState | None = Non
     if impl in ("cpp", "cuda"):
         y, state = kernel.wkv_kernel(impl, w, u, k, v, state)
     else:
-        y, state = _PURE[impl](w.to(dtype), u.to(dtype), k.to(dtype), v.to(dtype), state)
+        # Autocast would run naive's and parallel's products in bf16: the sums stay in dtype.
+        with torch.autocast(k.device.type, enabled=False):
+            y, state = _PURE[impl](w.to(dtype), u.to(dtype), k.to(dtype), v.to(dtype), state)
     return y.to(k.dtype), state

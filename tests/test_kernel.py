@@ -29,12 +29,21 @@ KERNELS = Path(kernel.__file__).resolve().parent.parent / "kernels"
 REL = {torch.float64: 1e-11, torch.float32: 2e-5}
 
 
-def _cpp():
-    """The cpp extension, or skip with the reason (e.g. no compiler) if it cannot be built."""
-    reason = kernel.unavailable_reason("cpp")
+def require_kernel(name):
+    """The extension of kernel ``name``. Skips only where this machine cannot build it at all
+    (no C++ compiler, no GPU: ``kernel.missing_tool``); a kernel that fails to build or fails
+    its self-check FAILS the test, so a broken kernel is never silently left out."""
+    missing = kernel.missing_tool(name)
+    if missing is not None:
+        pytest.skip(f"{name} kernel cannot be built here: {missing}")
+    reason = kernel.unavailable_reason(name)
     if reason is not None:
-        pytest.skip(f"cpp WKV kernel unavailable: {reason}")
-    return kernel.extension("cpp")
+        pytest.fail(f"the {name} kernel is broken: {reason}")
+    return kernel.extension(name)
+
+
+def _cpp():
+    return require_kernel("cpp")
 
 
 def assert_close(actual, expected, rel, what=""):
@@ -388,3 +397,73 @@ def test_cuda_source_compiles(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "wkv_cuda.o").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- self-check
+
+
+def test_auto_picks_the_verified_cpp_kernel():
+    """Where a compiler exists, GPT mode on the CPU runs the cpp kernel (not a silent
+    fallback), after its self-check passed on the CPU."""
+    require_kernel("cpp")
+    from rwkv_ref.wkv import _auto_impl
+
+    assert _auto_impl(torch.device("cpu")) == "cpp"
+    assert kernel._verdicts[("cpp", "cpu")] is None
+
+
+def fresh_checks(monkeypatch):
+    """Forget every self-check verdict and warning for the rest of the test."""
+    import importlib
+
+    monkeypatch.setattr(kernel, "_verdicts", {})
+    monkeypatch.setattr(importlib.import_module("rwkv_ref.wkv"), "_warned", set())
+
+
+def test_a_correct_kernel_passes_its_self_check_silently_and_quickly(monkeypatch):
+    import time
+    import warnings
+
+    require_kernel("cpp")
+    fresh_checks(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        start = time.perf_counter()
+        assert kernel.unavailable_reason("cpp") is None
+        seconds = time.perf_counter() - start
+    assert seconds < 1.0, f"the self-check took {seconds:.2f} s"   # ~0.01 s on 2 cores
+
+
+def _off_by_a_little(function, which):
+    """``function`` with one element of its output number ``which`` changed by 1% of that
+    output's scale (ten times the self-check's tolerance)."""
+    def wrong(*args):
+        out = list(function(*args))
+        out[which] = out[which].clone()
+        out[which].view(-1)[3] += 1e-2 * max(1.0, out[which].abs().max().item())
+        return out
+    return wrong
+
+
+@pytest.mark.parametrize("function, which, what", [
+    ("forward", 0, "y"), ("forward", 3, "state.p"), ("backward", 0, "grad w"),
+    ("backward", 2, "grad k"), ("backward", 6, "grad p")])
+def test_a_wrong_kernel_is_disabled_with_one_warning(monkeypatch, function, which, what):
+    """A planted error in one output of the extension: impl='auto' warns once, naming what
+    differed and how to report it, and falls back to 'parallel'; impl='cpp' raises."""
+    import warnings
+
+    ext = require_kernel("cpp")
+    fresh_checks(monkeypatch)
+    monkeypatch.setattr(ext, function, _off_by_a_little(getattr(ext, function), which))
+    w, u, k, v, _ = make_inputs(2, 7, 5, 1.0, 0, torch.float32)
+    with pytest.warns(RuntimeWarning, match=f"self-check on cpu \\({what}:") as record:
+        y, _ = rwkv_ref.wkv(w, u, k, v)
+    assert len(record) == 1 and "report" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                    # no second warning
+        y_again, _ = rwkv_ref.wkv(w, u, k, v)
+    torch.testing.assert_close(y, rwkv_ref.wkv(w, u, k, v, impl="parallel")[0])
+    torch.testing.assert_close(y_again, y)
+    with pytest.raises(RuntimeError, match="self-check"):
+        rwkv_ref.wkv(w, u, k, v, impl="cpp")

@@ -11,14 +11,15 @@ from rwkv_ref.testing import random_model
 from rwkv_ref.state import LayerState, RWKVState
 from rwkv_ref.wkv import WKVState
 
+from test_kernel import require_kernel
 from test_model import assert_close_rel, assert_states_close, configs, run_rnn, tokens
 
 
 @pytest.fixture(autouse=True, scope="module")
 def rnn_kernel():
-    reason = kernel.unavailable_reason("rnn")
-    if reason is not None:
-        pytest.skip(f"rnn kernel unavailable: {reason}")
+    """Skip where no compiler is installed; a kernel that fails to build or to pass its
+    self-check fails every test here."""
+    require_kernel("rnn")
 
 
 def torch_only(monkeypatch):
@@ -124,3 +125,52 @@ def test_gradients_still_flow_through_rnn_mode():
     logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad
                and p is not model.emb.weight)
+
+
+# ----------------------------------------------------------------------------- self-check
+
+
+def test_a_correct_rnn_kernel_passes_its_self_check_silently(monkeypatch):
+    import time
+    import warnings
+
+    monkeypatch.setattr(kernel, "_verdicts", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        start = time.perf_counter()
+        assert kernel.unavailable_reason("rnn") is None
+        seconds = time.perf_counter() - start
+    assert seconds < 1.0, f"the self-check took {seconds:.2f} s"   # ~0.03 s on 2 cores
+
+
+def _scaled(function, factor):
+    def wrong(*args):
+        out = function(*args)
+        return [t * factor for t in out] if isinstance(out, list) else out * factor
+    return wrong
+
+
+@pytest.mark.parametrize("function, what", [("linear", "matvec"), ("block_step", "block_step")])
+def test_a_wrong_rnn_kernel_is_disabled_and_rnn_mode_uses_torch_ops(monkeypatch, function,
+                                                                     what):
+    """A planted error (outputs 0.1% off): one warning naming what differed, then RNN mode
+    runs on PyTorch ops, with the same results as with the kernel turned off."""
+    import warnings
+
+    ext = kernel.extension("rnn")
+    monkeypatch.setattr(kernel, "_verdicts", {})
+    monkeypatch.setattr(ext, function, _scaled(getattr(ext, function), 1.001))
+    cfg = RWKVConfig(vocab_size=20, n_layer=2, n_embd=16, wkv_impl="parallel")
+    model = random_model(cfg, seed=6).eval()
+    token = torch.tensor([3, 4])
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match=f"rnn kernel gave wrong .*\\({what}") as record:
+            logits, _ = model.step(token)
+        assert len(record) == 1 and "RNN mode runs on PyTorch ops" in str(record[0].message)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not model.blocks[0]._kernel_applies(torch.zeros(2, 16))
+            again, _ = model.step(token)
+        torch_only(monkeypatch)
+        want, _ = model.step(token)
+    assert torch.equal(logits, want) and torch.equal(again, want)
