@@ -404,14 +404,8 @@ class RWKV(nn.Module):
 
     def check_tokens(self, idx: Tensor, name: str, shape: str) -> None:
         """``ValueError`` unless idx holds token ids of this model in the given shape (see
-        ``rwkv_ref.tokenizer.check_token_ids``). While ``torch.compile`` traces, the range
-        of the ids is not checked (reading them would break the graph): type, dtype and
-        shape are."""
-        if not torch.compiler.is_compiling():
-            check_token_ids(idx, self.config.vocab_size, name, shape)
-        elif (not isinstance(idx, Tensor) or idx.dtype.is_floating_point or idx.dtype.is_complex
-              or idx.dtype == torch.bool or idx.dim() != len(shape.strip("(,)").split(","))):
-            raise ValueError(f"{name} must be an integer tensor of token ids of shape {shape}")
+        ``rwkv_ref.tokenizer.check_token_ids``)."""
+        check_token_ids(idx, self.config.vocab_size, name, shape)
 
     def _check_state(self, state: RWKVState | None, batch: int) -> RWKVState:
         """The empty state for None; else ``ValueError`` unless ``state`` fits this model."""

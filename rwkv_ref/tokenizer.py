@@ -111,6 +111,9 @@ def check_token_ids(idx, vocab_size: int, name: str, shape: str) -> None:
     """Raise ``ValueError`` unless idx is a non-empty integer tensor of the given shape
     (``"(B, T)"`` or ``"(B,)"``) with every id in [0, vocab_size).
 
+    While ``torch.compile`` traces, the range of the ids is not checked (reading values would
+    break the graph); type, dtype and shape are. Eager calls check everything.
+
     Args:
         idx: the token ids.  vocab_size: V.  name: the argument's name, for the message.
         shape: the expected shape, as written in the message.
@@ -122,6 +125,8 @@ def check_token_ids(idx, vocab_size: int, name: str, shape: str) -> None:
     if idx.dim() != len(shape.strip("(,)").split(",")) or idx.numel() == 0:
         raise ValueError(f"{name} must have shape {shape} and be non-empty, "
                          f"got {tuple(idx.shape)}")
+    if torch.compiler.is_compiling():
+        return
     lo, hi = (int(t) for t in torch.aminmax(idx))
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"{name}: token ids must lie in [0, {vocab_size}) "
