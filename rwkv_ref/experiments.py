@@ -340,7 +340,7 @@ def recall_experiment(widths=(32, 64), setup: RecallSetup = RecallSetup(),
         (accuracy rows: model, n_embd, order, params, n_pairs, distance, accuracy;
          model rows: one per trained model, see ``train_recall_model``).
     """
-    distances = distances or sorted({3, *(round(setup.max_distance * f) for f in
+    distances = distances or sorted({3, *(max(3, round(setup.max_distance * f)) for f in
                                           (0.2, 0.4, 0.6, 0.8, 1.0))})
     pairs = pairs or sorted({1, *(2 ** i for i in range(1, 8) if 2 ** i < setup.max_pairs),
                              setup.max_pairs})
@@ -360,18 +360,27 @@ def recall_experiment(widths=(32, 64), setup: RecallSetup = RecallSetup(),
 
 
 def prompt_order(n_embd: int = 64, setup: RecallSetup = RecallSetup(), pairs=None,
-                 distance: int | None = None, **kwargs) -> tuple[list, list]:
+                 distance: int | None = None, after: tuple | None = None,
+                 **kwargs) -> tuple[list, list]:
     """The recall task with the query after the context and before it (``recall_experiment``
     at one width, once per order; ``kwargs`` go there).
 
+    Args:
+        after: (rows, models) of a ``recall_experiment`` run of the "after" order at this width
+            and ``setup`` to reuse instead of training those models again.
     Returns:
-        (accuracy rows as ``recall_experiment``'s, with "order"; model rows).
+        (accuracy rows as ``recall_experiment``'s at ``distance`` (default the largest),
+        with "order"; model rows).
     """
     distance = distance or setup.max_distance
     rows, models = [], []
     for order in ("after", "before"):
-        r, m = recall_experiment((n_embd,), dataclasses.replace(setup, order=order),
-                                 distances=[distance], pairs=pairs, **kwargs)
+        if order == "after" and after is not None:
+            r = [x for x in after[0] if x["n_embd"] == n_embd and x["distance"] == distance]
+            m = [x for x in after[1] if x["n_embd"] == n_embd]
+        else:
+            r, m = recall_experiment((n_embd,), dataclasses.replace(setup, order=order),
+                                     distances=[distance], pairs=pairs, **kwargs)
         rows, models = rows + r, models + m
     return rows, models
 
@@ -598,3 +607,249 @@ def gradient_stability(depths=(2, 4, 8, 16, 32), n_embd: int = 64, T: int = 64,
                               "index": i, "grad_norm": n, "relative": n / ref if ref else 0.0,
                               "lr": lr} for i, n in enumerate(norms)]
     return rows
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _select(rows, **match) -> list:
+    return [r for r in rows if all(r[k] == v for k, v in match.items())]
+
+
+def plot_parallel(rows, ax=None):
+    """Seconds per training step against T, one line per mode (log-log)."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(5, 3.5))[1]
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        sel = _select(rows, mode=mode)
+        ax.loglog([r["T"] for r in sel], [r["seconds"] for r in sel], "o-", label=mode)
+    ax.set(xlabel="T (tokens per sequence)", ylabel="seconds per step (fwd + bwd)",
+           title="GPT mode against RNN mode for training")
+    ax.legend()
+    return ax.figure
+
+
+def plot_gradients(rows, depth=None, phase="trained"):
+    """Two panels at one depth: relative gradient norm per layer, and per time distance."""
+    import matplotlib.pyplot as plt
+
+    depth = depth or max(r["depth"] for r in rows)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for kind, ax, xlabel in (("layer", axes[0], "layer l (0 = first)"),
+                             ("time", axes[1], "distance Δ (tokens before the last)")):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            sel = _select(rows, model=model, depth=depth, phase=phase, kind=kind)
+            ax.semilogy([r["index"] for r in sel], [max(r["relative"], 1e-12) for r in sel],
+                        ".-", label=model)
+        ax.set(xlabel=xlabel, ylabel="gradient norm, relative",
+               title=f"{kind}: depth {depth}, {phase}")
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_recall(rows, n_pairs=None):
+    """Accuracy against distance (at ``n_pairs``, default the largest) and against the number
+    of pairs (at the largest distance), one line per (model, width)."""
+    import matplotlib.pyplot as plt
+
+    n_pairs = n_pairs or max(r["n_pairs"] for r in rows)
+    d_max = max(r["distance"] for r in rows)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for model, width in dict.fromkeys((r["model"], r["n_embd"]) for r in rows):
+        style = "o-" if model == "rwkv" else "s--"
+        a = _select(rows, model=model, n_embd=width, n_pairs=n_pairs)
+        axes[0].plot([r["distance"] for r in a], [r["accuracy"] for r in a], style,
+                     label=f"{model} C={width}")
+        b = _select(rows, model=model, n_embd=width, distance=d_max)
+        axes[1].plot([r["n_pairs"] for r in b], [r["accuracy"] for r in b], style,
+                     label=f"{model} C={width}")
+    axes[0].set(xlabel="distance (tokens)", ylabel="accuracy", title=f"{n_pairs} pairs")
+    axes[1].set(xlabel="number of pairs", ylabel="accuracy", title=f"distance {d_max}")
+    for ax in axes:
+        ax.set_ylim(0, 1.02)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_order(rows, ax=None):
+    """Accuracy against the number of pairs, query after and before the context."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(5, 3.5))[1]
+    for model, order in dict.fromkeys((r["model"], r["order"]) for r in rows):
+        sel = _select(rows, model=model, order=order)
+        ax.plot([r["n_pairs"] for r in sel], [r["accuracy"] for r in sel],
+                "o-" if order == "before" else "s--", label=f"{model}, query {order}")
+    ax.set(xlabel="number of pairs", ylabel="accuracy", ylim=(0, 1.02),
+           title="prompt order")
+    ax.legend()
+    return ax.figure
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def markdown_table(rows, columns) -> str:
+    """A markdown table of ``rows`` (dicts) with the given columns; floats to 4 significant
+    digits."""
+    def fmt(x):
+        return f"{x:.4g}" if isinstance(x, float) else str(x)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def gradient_summary(rows) -> list:
+    """One row per (model, depth, phase): the first layer's gradient norm relative to the
+    last layer's, and the gradient norm at Δ = 8 and at the largest Δ relative to Δ = 0."""
+    out = []
+    keys = dict.fromkeys((r["model"], r["depth"], r["phase"]) for r in rows)
+    for model, depth, phase in keys:
+        layer = _select(rows, model=model, depth=depth, phase=phase, kind="layer")
+        tm = _select(rows, model=model, depth=depth, phase=phase, kind="time")
+        out.append({"model": model, "depth": depth, "phase": phase, "lr": layer[0]["lr"],
+                    "first/last layer": layer[0]["relative"],
+                    "Δ=8 / Δ=0": tm[min(8, len(tm) - 1)]["relative"],
+                    f"Δ={len(tm) - 1} / Δ=0": tm[-1]["relative"]})
+    return out
+
+
+def recall_pivot(rows, distance=None) -> list:
+    """Accuracy by number of pairs (columns) at one distance, one row per (model, width,
+    order)."""
+    distance = distance or max(r["distance"] for r in rows)
+    out = {}
+    for r in _select(rows, distance=distance):
+        key = (r["model"], r["n_embd"], r["order"])
+        row = out.setdefault(key, {"model": r["model"], "n_embd": r["n_embd"],
+                                   "order": r["order"], "params": r["params"]})
+        row[f"{r['n_pairs']} pairs"] = r["accuracy"]
+    return list(out.values())
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+# The settings of each size: keyword arguments of each experiment function.
+SIZES = {
+    "tiny": {   # the tests: a few seconds in all
+        "parallel": dict(Ts=(8, 16), n_layer=1, n_embd=16, batch=2, repeats=1),
+        "gradients": dict(depths=(2,), n_embd=16, T=16, batch=4, steps=3, lrs=(3e-3,),
+                          sweep_steps=2, sweep_depth=2),
+        "recall": dict(widths=(16,), setup=RecallSetup(max_pairs=2, max_distance=6, batch=8,
+                                                       steps=4), lrs=(3e-3,), n_eval=16),
+        "order_width": 16,
+    },
+    "small": {  # a few minutes
+        "parallel": dict(Ts=(16, 32, 64, 128), n_layer=2, n_embd=32, batch=4, repeats=2),
+        "gradients": dict(depths=(2, 8), n_embd=32, T=32, batch=8, steps=30,
+                          lrs=(1e-3, 3e-3, 1e-2), sweep_steps=15),
+        "recall": dict(widths=(32,), setup=RecallSetup(max_pairs=4, max_distance=16, batch=32,
+                                                       steps=500), sweep_steps=120),
+        "order_width": 32,
+    },
+    "full": {   # make experiments: about 20 minutes on 2 cores
+        "parallel": dict(Ts=(16, 32, 64, 128, 256, 512), n_layer=2, n_embd=64, batch=8,
+                         repeats=3),
+        "gradients": dict(depths=(2, 4, 8, 16, 32), n_embd=64, T=64, batch=16, steps=60),
+        "recall": dict(widths=(32, 64), setup=RecallSetup(max_pairs=6, max_distance=32,
+                                                          batch=32, steps=1500),
+                       sweep_steps=250),
+        "order_width": 64,
+    },
+}
+
+
+def run_all(out_dir: Path, size: str = "full", text: Tensor | None = None) -> dict:
+    """Run the four experiments at ``size``; write their PNGs and ``results.md``.
+
+    Returns:
+        {"parallel", "gradients", "recall", "recall_models", "order", "order_models",
+         "seconds"}: the rows of each experiment and its wall time.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    cfg, out_dir = SIZES[size], Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res, seconds = {}, {}
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        value = fn()
+        seconds[name] = time.perf_counter() - start
+        print(f"experiments: {name} took {seconds[name]:.1f} s", flush=True)
+        return value
+
+    res["parallel"] = timed("parallel", lambda: parallel_vs_sequential(**cfg["parallel"]))
+    res["gradients"] = timed("gradients", lambda: gradient_stability(**cfg["gradients"],
+                                                                     text=text))
+    res["recall"], res["recall_models"] = timed("recall",
+                                                lambda: recall_experiment(**cfg["recall"]))
+    order_kwargs = {k: v for k, v in cfg["recall"].items() if k != "widths"}
+    res["order"], res["order_models"] = timed("order", lambda: prompt_order(
+        cfg["order_width"], after=(res["recall"], res["recall_models"]), **order_kwargs))
+    res["seconds"] = seconds
+    write_outputs(res, out_dir, size)
+    return res
+
+
+def write_outputs(res: dict, out_dir: Path, size: str) -> None:
+    """The four PNGs and ``results.md`` from ``run_all``'s results."""
+    import matplotlib.pyplot as plt
+
+    for name, fig in (("parallel", plot_parallel(res["parallel"])),
+                      ("gradients", plot_gradients(res["gradients"])),
+                      ("recall", plot_recall(res["recall"])),
+                      ("order", plot_order(res["order"]))):
+        fig.savefig(out_dir / f"{name}.png", dpi=100)
+        plt.close(fig)
+    model_cols = ["model", "n_embd", "order", "params", "lr", "sweep", "final_loss", "seconds"]
+    pivot = recall_pivot(res["recall"])
+    sections = [
+        f"# What RWKV can and cannot do: results (--size={size})",
+        "## 1. Training step, GPT mode against RNN mode",
+        markdown_table(res["parallel"], ["mode", "T", "seconds", "tokens_per_s", "graph_nodes",
+                                         "max_grad_diff"]),
+        "## 2. Gradient stability",
+        markdown_table(gradient_summary(res["gradients"]),
+                       list(gradient_summary(res["gradients"])[0])),
+        "## 3. Associative recall (accuracy at the largest distance, by number of pairs)",
+        markdown_table(pivot, list(pivot[0])),
+        markdown_table(res["recall_models"], model_cols),
+        "## 4. Prompt order",
+        markdown_table(recall_pivot(res["order"]), list(recall_pivot(res["order"])[0])),
+        markdown_table(res["order_models"], model_cols),
+        "## Wall time",
+        markdown_table([{"experiment": k, "seconds": v} for k, v in res["seconds"].items()],
+                       ["experiment", "seconds"]),
+    ]
+    (out_dir / "results.md").write_text("\n\n".join(sections) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rwkv_ref.experiments",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--out_dir", default="out/experiments")
+    parser.add_argument("--size", default="full", choices=sorted(SIZES))
+    parser.add_argument("--data", default=None, help="the text to train on (default: "
+                        "tiny-shakespeare, found as rwkv_ref.data does)")
+    args = parser.parse_args(argv)
+    from rwkv_ref.data import DataError, load_data
+
+    try:
+        text = load_data(args.data).train
+    except DataError as e:
+        print(f"experiments: {e}", file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    run_all(Path(args.out_dir), args.size, text)
+    print(f"experiments: all done in {time.perf_counter() - start:.1f} s; "
+          f"wrote {args.out_dir}/results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
