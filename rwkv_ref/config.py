@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from rwkv_ref.files import load_torch
+from rwkv_ref.data import DataError
+from rwkv_ref.files import FileProblem, load_torch
 from rwkv_ref.wkv import WKV_IMPLS
 
 CHECKPOINT_NAME = "ckpt.pt"     # out_dir/ckpt.pt: what --resume continues from
@@ -211,3 +213,37 @@ def usage() -> str:
     lines.append("Presets: " + "; ".join(f"--preset={name} {values or '(the defaults)'}"
                                          for name, values in PRESETS.items()))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command lines
+
+EXPECTED_ERRORS = (ConfigError, FileProblem, DataError)   # bad input, not bugs: one line each
+
+
+def run_command(prog: str, body, argv: list[str], status: dict | None = None) -> int:
+    """Run a command line's ``body(argv)`` so that bad input ends in ONE line on stderr.
+
+    ``--debug`` (anywhere in ``argv``) is taken out and lets the traceback through instead.
+
+    Args:
+        prog: the name the line starts with.  body: returns the exit status.
+        argv: the arguments.  status: {exception class: exit status} handled like the
+            ``EXPECTED_ERRORS`` (those exit with 2); Ctrl-C exits with 130.
+    Returns:
+        The exit status.
+    """
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    handled = {**{e: 2 for e in EXPECTED_ERRORS}, **(status or {})}
+    try:
+        return body(argv)
+    except tuple(handled) as e:
+        if debug:
+            raise
+        code = next(c for kind, c in handled.items() if isinstance(e, kind))
+        print(f"{prog}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+              f" (--debug shows the traceback)", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
+        return 130
