@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from rwkv_ref.config import ConfigError, run_command
+
 BENCHMARKS = {
     "wkv": "benchmarks.bench_wkv",        # WKV variants vs transformers' CPU path; time vs T
     "scan": "benchmarks.bench_scan",      # the parallel-scan WKV: work, depth, time vs T
@@ -17,17 +19,20 @@ BENCHMARKS = {
 }
 
 
-def main(names: list[str]) -> None:
+def main(names: list[str]) -> int:
+    """Run the named benchmarks (all if none); ``ConfigError`` for an unknown name."""
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
-        sys.exit(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+        raise ConfigError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)} "
+                          f"(python -m benchmarks.run [wkv] [decode] [train] [--debug])")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in names or list(BENCHMARKS):
         print(f"\n=== {name} " + "=" * (70 - len(name)))
         start = time.perf_counter()
         importlib.import_module(BENCHMARKS[name]).main()
         print(f"({name}: {time.perf_counter() - start:.0f} s)")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_command("benchmarks.run", main, sys.argv[1:]))

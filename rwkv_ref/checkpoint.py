@@ -55,10 +55,10 @@ def read_checkpoint(path, keys=CHECKPOINT_KEYS) -> dict:
 def checkpoint_dict(run) -> dict:
     """Everything ``--resume`` needs to continue bit for bit. Every rank must call it (the
     batch generators' states are gathered from all ranks)."""
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "batch": gather(run.batch_gen.get_state(), run.dist)}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    rng = {"torch": gather(torch.get_rng_state(), run.dist), "python": random.getstate(),
+           "batch": gather(run.batch_gen.get_state(), run.dist)}     # one state per rank
+    if run.dist.device.type == "cuda":
+        rng["cuda"] = gather(torch.cuda.get_rng_state(run.dist.device), run.dist)
     return {
         "model": run.model.state_dict(),
         "model_type": run.cfg.model,
@@ -96,15 +96,18 @@ def restore(run, path: Path) -> None:
     run.scheduler.load_state_dict(ckpt["scheduler"])
     run.step, run.saved_step, run.history = ckpt["step"], ckpt["step"], ckpt["history"]
     run.elapsed_before = ckpt["elapsed_s"]
-    torch.set_rng_state(ckpt["rng"]["torch"])
     random.setstate(ckpt["rng"]["python"])
-    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    batch_states = ckpt["rng"]["batch"]
-    if len(batch_states) == run.dist.world_size:
-        run.batch_gen.set_state(batch_states[run.dist.rank])
-    else:  # a new stream, not the old one's start again
-        run.batch_gen.manual_seed(run.cfg.seed + 1000 * run.step + run.dist.rank)
+    rng, rank = ckpt["rng"], run.dist.rank
+    if isinstance(rng["torch"], torch.Tensor):       # written before the states were per rank
+        rng = {**rng, "torch": [rng["torch"]] * len(rng["batch"]), "cuda": []}
+    if len(rng["batch"]) == run.dist.world_size:
+        torch.set_rng_state(rng["torch"][rank])
+        if rng.get("cuda") and run.dist.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"][rank], run.dist.device)
+        run.batch_gen.set_state(rng["batch"][rank])
+    else:  # new streams, not the old ones' start again
+        torch.manual_seed(run.cfg.seed + 1000 * run.step + rank + 500)
+        run.batch_gen.manual_seed(run.cfg.seed + 1000 * run.step + rank)
         if run.dist.is_main:
             print(f"--resume: the checkpoint was written by {len(batch_states)} processes, this "
                   f"run has {run.dist.world_size}: batches are reseeded (not bit for bit)")

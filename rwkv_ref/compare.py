@@ -1,31 +1,66 @@
-"""RWKV against the GPT baseline at equal parameter count and equal tokens.
+"""RWKV against the GPT baseline, each at its own best learning rate, at equal parameters and
+equal tokens (the paper's first question, at small scale).
 
-    python -m rwkv_ref.compare --out_dir=out/compare      # make compare: ~10-15 min on 2 cores
-    python -m rwkv_ref.compare --max_iters=100            # any TrainConfig override, for both
+    python -m rwkv_ref.compare --out_dir=out/compare      # make compare: under 30 min on 2 cores
+    python -m rwkv_ref.compare --full_iters=100 --seeds=1 # smaller budgets (see BUDGET_KEYS)
 
-Both models train through ``rwkv_ref.train`` with one ``TrainConfig`` (the ``compare`` preset
-and the overrides): the same text, batches, schedule and number of steps, hence the same
-tokens. Only the GPT's MLP width differs from the RWKV's channel-mixing width: it is chosen so
-that the two parameter counts agree within 5% (both are printed).
+Three stages, every run through ``rwkv_ref.train`` with the ``compare`` preset's sizes:
 
-Writes ``out_dir/rwkv/`` and ``out_dir/gpt/`` (each run's checkpoint, metrics, curve and
-sample), ``out_dir/compare.md`` (the table) and ``out_dir/compare.png`` (validation loss
-against tokens and against wall-clock time).
+1. sweep: each model alone over the learning-rate grid ``lrs`` for ``sweep_iters`` steps
+   (seed ``seed``); its best is the grid point of lowest validation loss;
+2. final: each model at its best rate for ``full_iters`` steps, once per seed (``seeds`` of
+   them: seed, seed + 1, ...): the same batches for both models under the same seed;
+3. nanoGPT's CPU setting (4 x 128, context 64, batch 12, 2000 steps; the GPT with nanoGPT's
+   own recipe: lr 1e-3 cosine to 1e-4, 100 warm-up steps, weight decay 0.1, dropout 0), beside
+   nanoGPT's published validation loss for it.
+
+Every schedule warms up over a tenth of its steps, then follows a cosine to lr / 10. The GPT's
+MLP width is chosen so that the parameter counts agree within 5% (``matched_configs``).
+Writes ``out_dir/results.md`` (the table), ``out_dir/compare.png`` (the final runs' curves)
+and one sub-folder per run.
 """
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import sys
+import time
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from rwkv_ref.config import (ConfigError, TrainConfig, _parse_value, config_from_args,
+                             run_command, usage)
 from rwkv_ref.data import load_data
-from rwkv_ref.config import ConfigError, TrainConfig, config_from_args, usage
 from rwkv_ref.recipe import build_model, num_params
 from rwkv_ref.train import TrainResult, train
 
-TOLERANCE = 0.05   # the largest relative difference in parameter count
+TOLERANCE = 0.05          # the largest relative difference in parameter count
+NANOGPT_FIGURE = 1.88     # nanoGPT's README: val loss of its CPU shakespeare_char example
+NANOGPT_SIZES = dict(n_layer=4, n_embd=128, n_head=4, ctx_len=64, batch_size=12,
+                     max_iters=2000, eval_interval=250, eval_iters=20, dim_ffn=0)
+NANOGPT_GPT_RECIPE = dict(lr=1e-3, min_lr=1e-4, warmup_iters=100, weight_decay=0.1,
+                          dropout=0.0, beta2=0.99, grad_clip=1.0)
+
+
+@dataclass
+class Budget:
+    """How much ``make compare`` trains; each field is also a ``--key=value`` option."""
+
+    lrs: str = "1e-3,2e-3,4e-3,8e-3"   # the sweep's grid (factors of 2)
+    sweep_iters: int = 60
+    full_iters: int = 250
+    seeds: int = 2
+    nanogpt: bool = True               # also run nanoGPT's CPU setting
+
+    @property
+    def grid(self) -> list[float]:
+        return [float(x) for x in self.lrs.split(",")]
+
+
+BUDGET_KEYS = {f.name for f in dataclasses.fields(Budget)}
 
 
 def count_params(cfg: TrainConfig, vocab_size: int) -> int:
@@ -69,76 +104,209 @@ def train_seconds(history: list[dict]) -> float:
     return seconds
 
 
-def table(results: dict[str, TrainResult], configs: dict[str, TrainConfig]) -> str:
-    """The markdown table: final val loss, parameters, tokens, tokens/s, wall time."""
-    lines = ["| model | size | parameters | tokens | final val loss | tokens/s | wall time |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for name, result in results.items():
-        cfg, last = configs[name], result.history[-1]
-        size = f"{cfg.n_layer} x {cfg.n_embd}, ffn {cfg.dim_ffn or 4 * cfg.n_embd}"
-        tps = last["tokens"] / train_seconds(result.history)
-        lines.append(f"| {name} | {size} | {result.num_params:,} | {last['tokens']:,} | "
-                     f"{last['val_loss']:.4f} | {tps:,.0f} | {last['elapsed_s'] / 60:.1f} min |")
+def scheduled(cfg: TrainConfig, iters: int, lr: float, seed: int, out_dir: Path,
+              evals: int = 5) -> TrainConfig:
+    """``cfg`` for ``iters`` steps at peak rate ``lr``: a tenth warm-up, cosine to lr / 10,
+    ``evals`` evaluations after the one at step 0, no sample."""
+    return dataclasses.replace(cfg, max_iters=iters, lr=lr, min_lr=lr / 10, seed=seed,
+                               warmup_iters=max(1, iters // 10), sample_tokens=0,
+                               eval_interval=max(1, iters // evals), out_dir=str(out_dir))
+
+
+@dataclass
+class Outcome:
+    """One finished run: its config, its final validation loss and its wall time."""
+
+    cfg: TrainConfig
+    val_loss: float
+    wall_s: float
+    result: TrainResult
+
+
+def run_one(cfg: TrainConfig) -> Outcome:
+    """Train ``cfg``; ``KeyboardInterrupt`` if it was stopped by Ctrl-C."""
+    start = time.time()
+    result = train(cfg)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    return Outcome(cfg, result.history[-1]["val_loss"], time.time() - start, result)
+
+
+def sweep(cfg: TrainConfig, budget: Budget, out: Path) -> dict[float, Outcome]:
+    """One model over the learning-rate grid at ``sweep_iters`` steps. Returns {lr: outcome}."""
+    return {lr: run_one(scheduled(cfg, budget.sweep_iters, lr, cfg.seed,
+                                  out / f"sweep_{cfg.model}_lr{lr:g}", evals=1))
+            for lr in budget.grid}
+
+
+def best_of(swept: dict[float, Outcome]) -> float:
+    """The learning rate of the lowest validation loss."""
+    return min(swept, key=lambda lr: swept[lr].val_loss)
+
+
+def mean_spread(values: list[float]) -> str:
+    """'mean ± half the range' (the range of 2 seeds is all they say), or the one value."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {(max(values) - min(values)) / 2:.4f}"
+
+
+def nanogpt_runs(cfg: TrainConfig, rwkv_lr: float, out: Path) -> dict[str, Outcome]:
+    """Both models at nanoGPT's CPU sizes for 2000 steps: the GPT on nanoGPT's recipe, the RWKV
+    at its swept rate on the compare schedule (a tenth warm-up, cosine to lr / 10)."""
+    base = dataclasses.replace(cfg, **NANOGPT_SIZES)
+    rwkv = scheduled(dataclasses.replace(base, model="rwkv"), base.max_iters, rwkv_lr, cfg.seed,
+                     out / "nanogpt_rwkv", evals=8)
+    gpt = dataclasses.replace(base, model="gpt", **NANOGPT_GPT_RECIPE, seed=cfg.seed,
+                              sample_tokens=0, out_dir=str(out / "nanogpt_gpt"))
+    return {"RWKV": run_one(rwkv), "GPT": run_one(gpt)}
+
+
+def size_of(cfg: TrainConfig) -> str:
+    return (f"{cfg.n_layer} x {cfg.n_embd}, ffn {cfg.dim_ffn or 4 * cfg.n_embd}, "
+            f"ctx {cfg.ctx_len}, batch {cfg.batch_size}")
+
+
+def results_markdown(swept: dict, finals: dict, nano: dict, budget: Budget, vocab: int,
+                     total_s: float) -> str:
+    """The whole comparison as markdown: what was compared, the sweep, best against best, and
+    nanoGPT's setting. swept: {name: {lr: Outcome}}; finals: {name: [Outcome per seed]};
+    nano: {name: Outcome} or {}."""
+    lines = ["## RWKV against GPT, each at its best learning rate", "",
+             f"Tiny-shakespeare, character level (V = {vocab}). Learning rate swept over "
+             f"{budget.grid} for {budget.sweep_iters} steps (seed {next(iter(finals.values()))[0].cfg.seed}), "
+             f"then the best of each trained for {budget.full_iters} steps with "
+             f"{budget.seeds} seed(s). Schedule: a tenth warm-up, cosine to lr / 10; "
+             f"AdamW betas (0.9, 0.99), no weight decay, gradient clip 1. "
+             f"Total wall time {total_s / 60:.1f} min.", "",
+             "| model | size | parameters | tokens | lr sweep: val loss | chosen lr "
+             "| final val loss (mean ± half-range) | seeds | wall time per run |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    for name, runs in finals.items():
+        cfg, grid = runs[0].cfg, swept[name]
+        best = best_of(grid)
+        edge = " (grid edge)" if best in (min(grid), max(grid)) else ""
+        sweep_text = ", ".join(f"{lr:g}: {o.val_loss:.3f}" for lr, o in grid.items())
+        tokens = cfg.max_iters * cfg.batch_size * cfg.ctx_len
+        lines.append(f"| {name} | {size_of(cfg)} | {runs[0].result.num_params:,} | {tokens:,} "
+                     f"| {sweep_text} | {best:g}{edge} | "
+                     f"{mean_spread([o.val_loss for o in runs])} | {len(runs)} | "
+                     f"{statistics.mean(o.wall_s for o in runs) / 60:.1f} min |")
+    lines += ["", verdict({n: [o.val_loss for o in r] for n, r in finals.items()}, "at equal "
+              "parameters and tokens")]
+    if nano:
+        lines += nanogpt_markdown(nano)
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, TrainResult], path: Path) -> None:
-    """Two panels: validation loss against tokens seen and against wall-clock time."""
+def nanogpt_markdown(nano: dict[str, Outcome]) -> list[str]:
+    """The lines of nanoGPT's CPU setting: both models and nanoGPT's own figure."""
+    lines = ["", "## nanoGPT's CPU setting", "",
+             "4 x 128, context 64, batch 12, 2000 steps (1,536,000 tokens); the GPT on nanoGPT's "
+             "recipe (lr 1e-3 cosine to 1e-4, 100 warm-up steps, weight decay 0.1, dropout 0), "
+             "the RWKV at its swept rate; one seed. nanoGPT's GPT ties its embedding and head, "
+             "ours does not.", "",
+             "| model | size | parameters | lr | val loss | wall time |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, o in nano.items():
+        lines.append(f"| {name} | {size_of(o.cfg)} | {o.result.num_params:,} | {o.cfg.lr:g} | "
+                     f"{o.val_loss:.4f} | {o.wall_s / 60:.1f} min |")
+    lines.append(f"| nanoGPT (published, its README) | 4 x 128, ctx 64, batch 12 | (tied head) | 1e-3 | "
+                 f"{NANOGPT_FIGURE:.2f} | |")
+    lines += ["", verdict({n: [o.val_loss] for n, o in nano.items()}, "at nanoGPT's setting")]
+    return lines
+
+
+def verdict(losses: dict[str, list[float]], where: str) -> str:
+    """One sentence: who wins ``where``, by how much, and whether the seeds' ranges overlap."""
+    (a, la), (b, lb) = sorted(losses.items(), key=lambda kv: statistics.mean(kv[1]))
+    gap = statistics.mean(lb) - statistics.mean(la)
+    overlap = max(la) >= min(lb)
+    tail = " (their seed ranges overlap: no clear winner)" if overlap and len(la) > 1 else ""
+    return f"**{a} wins {where}** by {gap:.4f} nats per character{tail}."
+
+
+def plot(finals: dict[str, list[Outcome]], path: Path) -> None:
+    """Validation loss of every final run against tokens and against wall-clock time."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     by_tokens, by_time = fig.subplots(1, 2, sharey=True)
-    for name, result in results.items():
-        rows = result.history
-        val = [r["val_loss"] for r in rows]
-        by_tokens.plot([r["tokens"] / 1e6 for r in rows], val, marker=".", label=name)
-        by_time.plot([r["elapsed_s"] / 60 for r in rows], val, marker=".", label=name)
+    for name, runs in finals.items():
+        for o in runs:
+            rows, label = o.result.history, f"{name} lr {o.cfg.lr:g} seed {o.cfg.seed}"
+            val = [r["val_loss"] for r in rows]
+            by_tokens.plot([r["tokens"] / 1e6 for r in rows], val, marker=".", label=label)
+            by_time.plot([r["elapsed_s"] / 60 for r in rows], val, marker=".", label=label)
     by_tokens.set(xlabel="tokens seen (millions)", ylabel="validation loss (nats per char)")
     by_time.set(xlabel="wall-clock time (minutes, evaluations included)")
     for ax in (by_tokens, by_time):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
 
 
-def compare(cfg: TrainConfig) -> dict[str, TrainResult]:
-    """Train both models as above, then write the table and the figure into ``cfg.out_dir``.
+def compare(cfg: TrainConfig, budget: Budget = Budget()) -> str:
+    """Sweep, final runs and nanoGPT's setting as the module docstring says; write
+    ``results.md`` and ``compare.png`` into ``cfg.out_dir``.
 
     Returns:
-        {"RWKV": result, "GPT": result}.
+        The markdown of results.md.
     """
-    out = Path(cfg.out_dir)
-    vocab_size = load_data(cfg.data or None).tokenizer.vocab_size
-    rwkv, gpt = matched_configs(cfg, vocab_size)
-    n_rwkv, n_gpt = count_params(rwkv, vocab_size), count_params(gpt, vocab_size)
-    print(f"parameters: RWKV {n_rwkv:,}, GPT {n_gpt:,} ({n_gpt / n_rwkv - 1:+.2%}); "
-          f"{cfg.max_iters * cfg.batch_size * cfg.ctx_len:,} tokens each")
-    configs = {"RWKV": dataclasses.replace(rwkv, out_dir=str(out / "rwkv")),
-               "GPT": dataclasses.replace(gpt, out_dir=str(out / "gpt"))}
-    results = {}
-    for name, run_cfg in configs.items():
-        results[name] = train(run_cfg)
-        if results[name].interrupted:
-            return results
-    text = table(results, configs)
-    (out / "compare.md").write_text(text)
-    plot(results, out / "compare.png")
-    print(f"\n{text}\nwrote {out / 'compare.md'} and {out / 'compare.png'}")
-    return results
+    start, out = time.time(), Path(cfg.out_dir)
+    vocab = load_data(cfg.data or None).tokenizer.vocab_size
+    models = dict(zip(("RWKV", "GPT"), matched_configs(cfg, vocab)))
+    print("parameters: " + ", ".join(f"{n} {count_params(c, vocab):,}" for n, c in models.items()))
+    swept = {name: sweep(c, budget, out) for name, c in models.items()}
+    finals = {name: [run_one(scheduled(c, budget.full_iters, best_of(swept[name]), c.seed + i,
+                                       out / f"final_{c.model}_seed{c.seed + i}"))
+                     for i in range(budget.seeds)] for name, c in models.items()}
+    nano = nanogpt_runs(cfg, best_of(swept["RWKV"]), out) if budget.nanogpt else {}
+    text = results_markdown(swept, finals, nano, budget, vocab, time.time() - start)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text)
+    plot(finals, out / "compare.png")
+    print(f"\n{text}\nwrote {out / 'results.md'} and {out / 'compare.png'}")
+    return text
+
+
+def split_budget(argv: list[str]) -> tuple[Budget, list[str]]:
+    """The ``Budget`` options of ``argv`` and the rest (TrainConfig overrides)."""
+    values, rest = {}, []
+    types = typing.get_type_hints(Budget)
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if arg.startswith("--") and key in BUDGET_KEYS:
+            values[key] = _parse_value(key, types[key], value if eq else None)
+        else:
+            rest.append(arg)
+    budget = Budget(**values)
+    try:
+        grid = budget.grid
+    except ValueError:
+        raise ConfigError(f"--lrs expects comma-separated numbers, got {budget.lrs!r}") from None
+    if not grid or min(grid) <= 0 or budget.seeds < 1 or min(budget.sweep_iters,
+                                                             budget.full_iters) < 1:
+        raise ConfigError("--lrs must be positive numbers; --seeds, --sweep_iters and "
+                          "--full_iters at least 1")
+    return budget, rest
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: TrainConfig overrides on top of the ``compare`` preset."""
+    """The command line: Budget options, then TrainConfig overrides on top of the ``compare``
+    preset (they apply to every run; the stages set lr, steps, seed and out_dir)."""
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        print(__doc__.strip() + "\n\n" + usage())
+        print(__doc__.strip() + "\n\nBudget options: " + ", ".join(
+            f"--{f.name}={f.default}" for f in dataclasses.fields(Budget)) + "\n\n" + usage())
         return 0
-    try:
-        results = compare(config_from_args(argv, default_preset="compare"))
-    except ConfigError as e:
-        print(f"rwkv_ref.compare: {e}", file=sys.stderr)
-        return 2
-    return 130 if any(r.interrupted for r in results.values()) else 0
+
+    def body(args: list[str]) -> int:
+        budget, rest = split_budget(args)
+        compare(config_from_args(rest, default_preset="compare"), budget)
+        return 0
+
+    return run_command("rwkv_ref.compare", body, argv)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from rwkv_ref.files import load_torch
+import torch
+
+from rwkv_ref.data import DataError
+from rwkv_ref.files import FileProblem, load_torch
 from rwkv_ref.wkv import WKV_IMPLS
 
 CHECKPOINT_NAME = "ckpt.pt"     # out_dir/ckpt.pt: what --resume continues from
@@ -60,6 +64,10 @@ class TrainConfig:
     beta2: float = 0.99          # the official RWKV-4 betas
     weight_decay: float = 0.0    # on matrices only (tensors with 2 or more dimensions)
     grad_clip: float = 1.0       # the largest global gradient norm; 0 means no clipping
+    # the official RWKV-4 recipe's extras (rwkv_ref.recipe; all on in the official preset)
+    layerwise_lr: bool = False   # RWKV: time_decay at 2 x lr, time_first at 3 x lr
+    l2wrap: bool = False         # add L2Wrap's gradient, pulling the largest logit toward 0
+    emb_init: str = "paper"      # RWKV's embedding: "paper" U(+-1e-4), "lr" U(+-lr) as v4neo
     # evaluation and output
     eval_interval: int = 100     # evaluate, log and checkpoint every this many steps
     eval_iters: int = 12         # batches per split and process at each evaluation
@@ -71,6 +79,7 @@ class TrainConfig:
     device: str = "auto"         # "cpu", "cuda", "cuda:1" ...; auto: cuda if available
     dtype: str = "auto"          # "float32" or "bfloat16" (autocast); auto: bf16 on CUDA
     seed: int = 1337
+    compile: bool = False        # torch.compile the model for training (evaluation runs eager)
     num_threads: int = 0         # CPU threads per process; 0: the cores / local processes
 
 
@@ -84,12 +93,15 @@ PRESETS: dict[str, dict] = {
     # (and, as there, weight decay 0.1 against overfitting 1M characters for 80 epochs)
     "gpu": dict(n_layer=6, n_embd=384, ctx_len=256, batch_size=64, max_iters=5000,
                 lr=1e-3, min_lr=1e-4, warmup_iters=200, weight_decay=0.1, eval_interval=250,
-                eval_iters=100, device="cuda", dtype="bfloat16", out_dir="out/gpu"),
+                eval_iters=100, device="cuda", dtype="bfloat16", compile=True, out_dir="out/gpu"),
+    # the cpu preset with the official training code's extras (see rwkv_ref.recipe)
+    "official": dict(layerwise_lr=True, l2wrap=True, emb_init="lr", out_dir="out/official"),
     # make compare: the cpu preset's RWKV, then a GPT of as many parameters, on as many tokens
     "compare": dict(out_dir="out/compare"),
 }
 
 CHOICES = {"model": ("rwkv", "gpt"), "dtype": ("auto", "float32", "bfloat16"),
+           "emb_init": ("paper", "lr"),
            "wkv_impl": ("auto", *WKV_IMPLS)}
 
 
@@ -187,6 +199,24 @@ def config_from_args(argv: list[str], default_preset: str = "cpu") -> TrainConfi
     return cfg
 
 
+def check_device(device: str) -> None:
+    """``ConfigError`` for a device this machine does not have (before anything touches it)."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device={device}: CUDA is not available on this machine "
+                              f"(torch {torch.__version__}); use --device=cpu or --preset=cpu")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(f"--device={device}: this machine has "
+                              f"{torch.cuda.device_count()} GPU(s); use cuda:0 ...")
+    elif device not in ("auto", "cpu"):
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") \
+                from None
+
+
 def check_config(cfg: TrainConfig, world_size: int) -> None:
     """Raise ``ConfigError`` for values no run can use (choices, positive sizes, divisibility)."""
     for name, allowed in CHOICES.items():
@@ -211,3 +241,37 @@ def usage() -> str:
     lines.append("Presets: " + "; ".join(f"--preset={name} {values or '(the defaults)'}"
                                          for name, values in PRESETS.items()))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command lines
+
+EXPECTED_ERRORS = (ConfigError, FileProblem, DataError)   # bad input, not bugs: one line each
+
+
+def run_command(prog: str, body, argv: list[str], status: dict | None = None) -> int:
+    """Run a command line's ``body(argv)`` so that bad input ends in ONE line on stderr.
+
+    ``--debug`` (anywhere in ``argv``) is taken out and lets the traceback through instead.
+
+    Args:
+        prog: the name the line starts with.  body: returns the exit status.
+        argv: the arguments.  status: {exception class: exit status} handled like the
+            ``EXPECTED_ERRORS`` (those exit with 2); Ctrl-C exits with 130.
+    Returns:
+        The exit status.
+    """
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    handled = {**{e: 2 for e in EXPECTED_ERRORS}, **(status or {})}
+    try:
+        return body(argv)
+    except tuple(handled) as e:
+        if debug:
+            raise
+        code = next(c for kind, c in handled.items() if isinstance(e, kind))
+        print(f"{prog}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+              f" (--debug shows the traceback)", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
+        return 130

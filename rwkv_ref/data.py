@@ -134,11 +134,33 @@ def load_data(path: str | os.PathLike | None = None) -> TextData:
     try:
         text = source.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{source} is not UTF-8 text: {e}") from e
+        raise DataError(f"{source} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                        f"{e.start}); convert it (e.g. iconv -t UTF-8) or pass another "
+                        f"--data") from None
+    if not text:
+        raise DataError(f"{source} is empty; pass a text file with --data=PATH")
     tokenizer = CharTokenizer(text)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)   # (N,)
     n_train = int(TRAIN_FRACTION * len(ids))
     return TextData(tokenizer, ids[:n_train], ids[n_train:], source)
+
+
+def check_length(data: TextData, ctx_len: int) -> None:
+    """``DataError`` unless both splits hold a window of ``ctx_len + 1`` tokens.
+
+    The validation split is the last tenth, so the text needs about ``10 * (ctx_len + 1)``
+    characters.
+    """
+    for split, ids in (("training", data.train), ("validation", data.val)):
+        if len(ids) <= ctx_len:
+            total = len(data.train) + len(data.val)
+            need = 10 * ctx_len
+            while need - int(TRAIN_FRACTION * need) <= ctx_len:   # the split load_data makes
+                need += 1
+            raise DataError(f"{data.path} has {total:,} characters: its {split} split "
+                            f"({len(ids):,}) is shorter than ctx_len + 1 = {ctx_len + 1}; "
+                            f"use a text of at least {need:,} characters or a smaller "
+                            f"--ctx_len")
 
 
 def get_batch(ids: Tensor, batch_size: int, ctx_len: int, generator: torch.Generator):

@@ -13,6 +13,7 @@ import sys
 import torch
 
 from rwkv_ref.checkpoint import load_checkpoint
+from rwkv_ref.config import check_device, run_command
 
 # ----------------------------------------------------------------------------- command line
 
@@ -47,30 +48,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="20B_tokenizer.json (official models)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--wkv_impl", default=None, help="WKV variant of GPT mode (prompt)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def generate_text(args: argparse.Namespace) -> int:
+    """Load the checkpoint and stream the continuation of the prompt to stdout."""
     overrides = {} if args.wkv_impl is None else {"wkv_impl": args.wkv_impl}
-    try:
-        model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.device,
-                                           **overrides)
-        prompt = tokenizer.encode(args.prompt)
-        generator = None
-        if args.seed is not None:
-            generator = torch.Generator(device=args.device).manual_seed(args.seed)
-        tokens = model.stream(prompt, args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, generator=generator,
-                              greedy=args.greedy)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.device, **overrides)
+    prompt = tokenizer.encode(args.prompt)
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    tokens = model.stream(prompt, args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, generator=generator,
+                          greedy=args.greedy)          # checks its arguments now
     sys.stdout.write(args.prompt)
     printer = TextPrinter(tokenizer)
     for token in tokens:
         printer(token)
     sys.stdout.write("\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    """The command line; bad input (a missing, truncated or foreign checkpoint, a prompt the
+    tokenizer cannot encode, bad sampling settings) ends in one line on stderr and exit 2;
+    ``--debug`` shows the traceback instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_command("rwkv_ref.generate", lambda rest: _run(parse_args(rest)), argv,
+                       status={ValueError: 2, FileNotFoundError: 2, ImportError: 2})
+
+
+def _run(args: argparse.Namespace) -> int:
+    check_device(args.device)          # one line, not torch's assertion deep in .to()
+    return generate_text(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

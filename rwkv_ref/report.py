@@ -14,6 +14,8 @@ from rwkv_ref.files import atomic_write
 from rwkv_ref.recipe import compute_loss, lr_factor
 from rwkv_ref.run import Run, next_batch
 
+METRICS_NAME = "metrics.jsonl"
+
 
 @torch.no_grad()
 def estimate_loss(run: Run) -> dict[str, float]:
@@ -56,7 +58,7 @@ def evaluate(run: Run) -> dict:
     run.history.append(row)
     run.window = [0.0, 0]
     if run.dist.is_main:
-        write_metrics(run.history, run.out_dir / "metrics.jsonl")
+        write_metrics(run.history, run.out_dir / METRICS_NAME)
         tqdm.write(f"step {run.step}: train loss {row['train_loss']:.4f}, "
                    f"val loss {row['val_loss']:.4f}")
     return row

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from rwkv_ref.checkpoint import restore
 from rwkv_ref.config import CHECKPOINT_NAME, TrainConfig
-from rwkv_ref.data import TextData, get_batch, load_data
+from rwkv_ref.data import TextData, check_length, get_batch, load_data
 from rwkv_ref.distributed import Dist
 from rwkv_ref.recipe import autocast_for, build_model, build_optimizer
 
@@ -95,16 +95,28 @@ def make_run(cfg: TrainConfig, d: Dist) -> Run:
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     data = load_data_in_turn(cfg.data, d)
+    check_length(data, cfg.ctx_len)
     torch.manual_seed(cfg.seed)                      # the same initial weights on every rank
     random.seed(cfg.seed)
     model, model_config = build_model(cfg, data.tokenizer.vocab_size)
+    if d.rank:             # then each rank its own stream (the GPT's dropout); rank 0 goes on
+        torch.manual_seed(cfg.seed + d.rank)         # as a single process does
     model.to(d.device)
     optimizer, scheduler = build_optimizer(model, cfg)
     run = Run(cfg, d, data, model, model, model_config, optimizer, scheduler,
               batch_generator(cfg.seed, d.rank), autocast_for(d.device, cfg.dtype))
     if cfg.resume:
         restore(run, run.ckpt_path)
+    run.net = wrap(model, cfg, d)
+    return run
+
+
+def wrap(model: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:
+    """What the training steps call: the model, compiled if ``cfg.compile``, inside DDP when
+    there are several processes. The bare model keeps its parameter names, so checkpoints
+    written from it carry no "_orig_mod." prefix."""
+    net = torch.compile(model) if cfg.compile else model
     if d.world_size > 1:
         device_ids = [d.device.index] if d.device.type == "cuda" else None
-        run.net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    return run
+        net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+    return net

@@ -29,11 +29,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from rwkv_ref.checkpoint import save_checkpoint
-from rwkv_ref.config import ConfigError, TrainConfig, check_config, config_from_args, usage
+from rwkv_ref.config import (CHECKPOINT_NAME, TrainConfig, check_config, check_device,
+                             config_from_args, run_command, usage)
 from rwkv_ref.distributed import (Dist, StopRequest, all_mean, close_distributed, cpu_count,
                                   setup_distributed)
+from rwkv_ref.files import remove_stale_temporaries
 from rwkv_ref.recipe import forward_backward, num_params
-from rwkv_ref.report import evaluate, plot_losses, write_sample
+from rwkv_ref.report import METRICS_NAME, evaluate, plot_losses, write_sample
 from rwkv_ref.run import Run, make_run, next_batch
 
 
@@ -63,7 +65,7 @@ def take_step(run: Run, stop: StopRequest) -> bool:
     """
     tick = time.perf_counter()
     x, y = next_batch(run, run.data.train, run.batch_gen)
-    loss, norm = forward_backward(run.net, x, y, run.cfg.grad_clip, run.autocast)
+    loss, norm = forward_backward(run.net, x, y, run.cfg.grad_clip, run.autocast, run.cfg.l2wrap)
     loss, norm, stop_now = sync_step(run, loss, norm, stop.requested)
     if not (math.isfinite(loss) and math.isfinite(norm)):
         where = (f"the last good checkpoint ({run.out_dir / 'ckpt.pt'}, step {run.saved_step}) "
@@ -139,6 +141,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     Raises:
         ConfigError for unusable settings; TrainingDiverged on a non-finite loss or gradient.
     """
+    check_device(cfg.device)
     d = setup_distributed(cfg.device)
     threads = torch.get_num_threads()
     finished = False
@@ -156,6 +159,10 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     """``train`` once the processes are set up; the model dies with this frame."""
     check_config(cfg, d.world_size)
     torch.set_num_threads(cfg.num_threads or max(1, cpu_count() // d.local_world_size))
+    if d.is_main:             # what a process killed mid-save left; no writer runs yet
+        for name in (CHECKPOINT_NAME, METRICS_NAME):
+            for stale in remove_stale_temporaries(Path(cfg.out_dir) / name):
+                print(f"removed {stale}, a temporary file left by a run that was killed")
     run = make_run(cfg, d)
     if d.is_main:
         run.out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,24 +176,17 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status (130 after Ctrl-C, as shells expect)."""
+    """The command line; returns the exit status: 2 for bad input (one line on stderr;
+    ``--debug`` shows the traceback), 1 when training diverged, 130 after Ctrl-C."""
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(usage())
         return 0
-    try:
-        result = train(config_from_args(argv))
-    except ConfigError as e:
-        print(f"rwkv_ref.train: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"rwkv_ref.train: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("rwkv_ref.train: interrupted; nothing saved since the last checkpoint",
-              file=sys.stderr)
-        return 130
-    return 130 if result.interrupted else 0
+
+    def body(args: list[str]) -> int:
+        return 130 if train(config_from_args(args)).interrupted else 0
+
+    return run_command("rwkv_ref.train", body, argv, status={TrainingDiverged: 1})
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import dataclasses
 import socket
 import subprocess
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -78,3 +79,42 @@ def test_two_processes_equal_one_with_the_union_batch(tmp_path):
     ddp_losses = [row["loss"] for row in ckpt["history"][1:]]     # the mean over the ranks
     torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(losses), rtol=1e-5,
                                atol=1e-6)
+
+
+FAILING_RANK = """
+import sys
+import time
+from rwkv_ref import train
+
+original = train.take_step
+
+
+def take_step(run, stop):
+    if run.dist.rank == 1 and run.step == 2:
+        raise RuntimeError("planted failure on rank 1 at step 2")
+    return original(run, stop)
+
+
+train.take_step = take_step
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_failing_rank_ends_the_job_promptly_with_its_message(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question:\\n" * 40, encoding="utf-8")
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_RANK)
+    args = [f"--data={text}", "--n_layer=1", "--n_embd=16", "--ctx_len=8", "--batch_size=4",
+            "--max_iters=1000", "--eval_interval=1000", "--eval_iters=1", "--sample_tokens=0",
+            "--wkv_impl=parallel", f"--out_dir={tmp_path / 'out'}", "--num_threads=1"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+                "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    start = time.monotonic()
+    done = subprocess.run([*launcher, str(script), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=180)
+    took = time.monotonic() - start
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert "planted failure on rank 1 at step 2" in output
+    assert took < 60, f"the job took {took:.0f} s to end:\n{output}"
