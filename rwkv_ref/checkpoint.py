@@ -109,7 +109,7 @@ def restore(run, path: Path) -> None:
         torch.manual_seed(run.cfg.seed + 1000 * run.step + rank + 500)
         run.batch_gen.manual_seed(run.cfg.seed + 1000 * run.step + rank)
         if run.dist.is_main:
-            print(f"--resume: the checkpoint was written by {len(batch_states)} processes, this "
+            print(f"--resume: the checkpoint was written by {len(rng['batch'])} processes, this "
                   f"run has {run.dist.world_size}: batches are reseeded (not bit for bit)")
     if run.dist.is_main:
         print(f"resumed from {path} at step {run.step}")

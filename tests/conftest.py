@@ -1,7 +1,15 @@
 """Shared test settings: hypothesis profiles and the --run-slow switch.
 
-Profiles: ``ci`` (the default: few examples, fast on 2 cores) and ``thorough`` (many more
-examples; ``make test-slow`` selects it with ``--hypothesis-profile=thorough``).
+Profiles (``--hypothesis-profile=NAME``):
+
+* ``ci`` (the default): few examples so that ``make test`` stays fast on 2 cores, and NOT
+  derandomized: every run draws new examples, from a seed chosen at random and printed in
+  the pytest header (``hypothesis seed N: rerun with --hypothesis-seed=N``). A failure also
+  prints its ``@reproduce_failure`` blob (``print_blob``), and the example database in
+  .hypothesis/ replays it first on the next run.
+* ``thorough`` (``make test-slow``): twenty times as many examples.
+
+Tests marked ``slow`` are skipped unless ``--run-slow`` is given (``make test-slow`` does).
 """
 import os
 
@@ -9,12 +17,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-settings.register_profile(
-    "ci", max_examples=15, deadline=None, derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile(
-    "thorough", max_examples=300, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_COMMON = dict(deadline=None, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=12, **_COMMON)
+settings.register_profile("thorough", max_examples=250, **_COMMON)
 settings.load_profile("ci")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -22,7 +28,26 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", default=False,
-                     help="also run tests marked slow")
+                     help="also run tests marked slow (make test-slow)")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    """Choose the run's hypothesis seed (unless --hypothesis-seed gave one), so that the header
+    can print it: one integer reproduces every example of the run."""
+    from hypothesis import core
+
+    if config.getoption("hypothesis_seed", None) is None:
+        core.global_force_seed = int.from_bytes(os.urandom(4), "little")
+
+
+def pytest_report_header(config):
+    from hypothesis import core
+
+    seed = core.global_force_seed
+    slow = "run" if config.getoption("--run-slow") else "skipped (--run-slow runs them)"
+    return [f"hypothesis seed {seed}: rerun with --hypothesis-seed={seed}",
+            f"slow tests: {slow}"]
 
 
 def pytest_collection_modifyitems(config, items):
