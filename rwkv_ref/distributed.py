@@ -5,6 +5,7 @@ read here and nowhere else. gloo on the CPU, NCCL on GPUs.
 """
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 import signal
@@ -16,6 +17,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+# How long a collective waits for a rank that stopped answering (torch's default: 30 min).
+# gloo notices a crashed peer at once (its socket closes); this bounds the other cases, and
+# must exceed the longest stretch one rank works alone (rank 0's sample at the end).
+TIMEOUT_S = 300
 
 
 @dataclass
@@ -54,7 +61,8 @@ def setup_distributed(device: str) -> Dist:
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
     return Dist(rank, world, local_world, dev)
 
 

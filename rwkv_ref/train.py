@@ -149,6 +149,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         result = _train(cfg, d)
         finished = True
         return result
+    except Exception as e:
+        if d.world_size > 1:       # name the rank that failed, amid the others' errors
+            print(f"rwkv_ref.train: rank {d.rank} of {d.world_size} failed: "
+                  f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
     finally:
         torch.set_num_threads(threads)          # as it was: train() may be one call of many
         if dist.is_initialized():

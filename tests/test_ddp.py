@@ -1,6 +1,7 @@
 """Two processes under torchrun (gloo, 127.0.0.1) take the same steps as one process that is
 fed the union of their batches: DDP averages the gradients of equal halves of a batch."""
 import dataclasses
+import os
 import socket
 import subprocess
 import sys
@@ -68,6 +69,7 @@ def test_two_processes_equal_one_with_the_union_batch(tmp_path):
     ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt", map_location="cpu", weights_only=True)
     assert len(ckpt["rng"]["batch"]) == 2                          # both ranks' generators
     assert not torch.equal(*ckpt["rng"]["batch"])                  # each its own stream
+    assert not torch.equal(*ckpt["rng"]["torch"])                  # dropout: each its own
     initial, expected, losses = single_process_reference(cfg, world_size=2)
     assert ckpt["step"] == cfg.max_iters
     for name, value in expected.items():
@@ -100,21 +102,48 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
-def test_a_failing_rank_ends_the_job_promptly_with_its_message(tmp_path):
+def failing_job(tmp_path) -> list[str]:
+    """The command line of a 2-rank job whose rank 1 raises at step 2 (of 1000)."""
     text = tmp_path / "text.txt"
-    text.write_text("To be, or not to be, that is the question:\\n" * 40, encoding="utf-8")
+    text.write_text("To be, or not to be, that is the question:\n" * 40, encoding="utf-8")
     script = tmp_path / "failing.py"
     script.write_text(FAILING_RANK)
-    args = [f"--data={text}", "--n_layer=1", "--n_embd=16", "--ctx_len=8", "--batch_size=4",
-            "--max_iters=1000", "--eval_interval=1000", "--eval_iters=1", "--sample_tokens=0",
-            "--wkv_impl=parallel", f"--out_dir={tmp_path / 'out'}", "--num_threads=1"]
+    return [str(script), f"--data={text}", "--n_layer=1", "--n_embd=16", "--ctx_len=8",
+            "--batch_size=4", "--max_iters=1000", "--eval_interval=1000", "--eval_iters=1",
+            "--sample_tokens=0", "--wkv_impl=parallel", f"--out_dir={tmp_path / 'out'}",
+            "--num_threads=1"]
+
+
+def test_a_failing_rank_ends_a_torchrun_job_promptly_with_its_message(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
                 "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
     start = time.monotonic()
-    done = subprocess.run([*launcher, str(script), *args], cwd=REPO, capture_output=True,
+    done = subprocess.run([*launcher, *failing_job(tmp_path)], cwd=REPO, capture_output=True,
                           text=True, timeout=180)
     took = time.monotonic() - start
     output = done.stdout + done.stderr
     assert done.returncode != 0, output
-    assert "planted failure on rank 1 at step 2" in output
+    assert "rank 1 of 2 failed: RuntimeError: planted failure on rank 1 at step 2" in output
     assert took < 60, f"the job took {took:.0f} s to end:\n{output}"
+
+
+def test_a_failing_rank_brings_its_peer_down_without_a_launcher(tmp_path):
+    """No torchrun agent to kill the survivors: rank 0, waiting in an all-reduce, must end on
+    its own, with an error, soon after rank 1 dies."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    args = [sys.executable, *failing_job(tmp_path)]
+    procs = [subprocess.Popen(args, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    try:
+        err1 = procs[1].communicate(timeout=150)[1]
+        died = time.monotonic()
+        err0 = procs[0].communicate(timeout=150)[1]
+        lag = time.monotonic() - died
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1].returncode != 0 and "rank 1 of 2 failed" in err1 and "planted" in err1
+    assert procs[0].returncode != 0 and "rank 0 of 2 failed" in err0, err0
+    assert lag < 30, f"rank 0 took {lag:.0f} s more to end"

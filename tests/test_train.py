@@ -127,7 +127,13 @@ def test_tiny_run_learns_and_writes_its_files(tmp_path, text_file, model):
     assert rows == result.history and [r["step"] for r in rows] == [0, 20, 40]
     assert set(rows[0]) == {"step", "tokens", "loss", "train_loss", "val_loss", "lr",
                             "tokens_per_s", "elapsed_s"}
-    assert rows[-1]["tokens"] == 40 * 8 * 16 and rows[-1]["tokens_per_s"] > 0
+    assert rows[-1]["tokens"] == 40 * 8 * 16
+    # tokens/s: the tokens of the 20 steps since the previous row over their training time,
+    # which is less than the wall time between the rows (that also holds an evaluation and a
+    # checkpoint, a few forward passes: far less than the 20 training steps)
+    wall = rows[2]["elapsed_s"] - rows[1]["elapsed_s"]
+    assert rows[0]["tokens_per_s"] is None
+    assert 20 * 8 * 16 / wall < rows[2]["tokens_per_s"] < 10 * 20 * 8 * 16 / wall
     assert rows[0]["train_loss"] > 2.5                       # about ln(V), V = 22 characters
     assert rows[-1]["train_loss"] < 0.5 * rows[0]["train_loss"]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -231,8 +237,8 @@ def test_ctrl_c_twice(monkeypatch):
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, monkeypatch):
     original, calls = recipe.compute_loss, []
 
-    def poisoned(model, x, y):              # training steps only: evaluation runs without grad
-        loss = original(model, x, y)
+    def poisoned(model, x, y, *args):       # training steps only: evaluation runs without grad
+        loss = original(model, x, y, *args)
         if torch.is_grad_enabled():
             calls.append(1)
             if len(calls) == 7:
@@ -258,3 +264,137 @@ def test_huge_learning_rate_is_stopped_by_the_command_line(tmp_path, text_file, 
     err = capsys.readouterr().err
     assert "training stopped" in err and "no checkpoint was written" in err
     assert not (Path(cfg.out_dir) / "ckpt.pt").exists()     # no good checkpoint to keep
+
+
+# ----------------------------------------------------------------------------- the official recipe
+
+
+def test_l2wrap_leaves_the_loss_and_adds_the_gradient_of_a_max_logit_penalty():
+    """L2Wrap's extra gradient is that of factor / 2 * sum over positions of (max logit)**2
+    (checked against float64 finite differences of that penalty); the loss is unchanged."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)     # (B, T, V)
+    y = torch.randint(5, (2, 3))
+    factor = 0.37                                  # large, so the term is far above rounding
+
+    def ce(z):
+        return torch.nn.functional.cross_entropy(z.flatten(0, 1), y.flatten())
+
+    wrapped = recipe.L2Wrap.apply(ce(logits), logits, factor)
+    assert wrapped.item() == ce(logits).item()
+    (grad,) = torch.autograd.grad(wrapped, logits)
+
+    def penalised(z):
+        return ce(z) + factor / 2 * (z.max(dim=-1).values ** 2).sum()
+
+    h, expected = 1e-6, torch.zeros_like(logits)
+    flat = expected.view(-1)
+    for i in range(flat.numel()):
+        bump = torch.zeros_like(logits).view(-1)
+        bump[i] = h
+        bump = bump.view_as(logits)
+        flat[i] = (penalised(logits + bump) - penalised(logits - bump)) / (2 * h)
+    torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-7)
+    (plain,) = torch.autograd.grad(ce(logits), logits)
+    assert (grad - plain).abs().max() > 0.1        # the extra term is really there
+
+
+def test_l2wrap_in_compute_loss_uses_the_official_factor():
+    """B = 2, T = 1, V = 3: the extra gradient at the argmax is 1e-4 / (B * T) times the max."""
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.z = torch.nn.Parameter(torch.tensor([[[2.0, -1.0, 0.5]], [[0.0, 3.0, 1.0]]]))
+
+        def forward(self, x):
+            return self.z, None
+
+    model, x, y = Fixed(), torch.zeros(2, 1, dtype=torch.long), torch.tensor([[1], [2]])
+    recipe.compute_loss(model, x, y).backward()
+    plain = model.z.grad.clone()
+    model.z.grad = None
+    recipe.compute_loss(model, x, y, l2wrap=True).backward()
+    extra = model.z.grad - plain
+    expected = torch.zeros(2, 1, 3)
+    expected[0, 0, 0], expected[1, 0, 1] = 1e-4 / 2 * 2.0, 1e-4 / 2 * 3.0
+    torch.testing.assert_close(extra, expected, rtol=0, atol=5e-8)   # float32 loss: 3e-8
+
+
+def test_layerwise_lr_groups(tmp_path, text_file):
+    """time_decay at 2 x lr, time_first at 3 x, all else at lr, through the whole schedule;
+    weight decay only on matrices."""
+    cfg = tiny(tmp_path, text_file, layerwise_lr=True, weight_decay=0.1)
+    model, _ = recipe.build_model(cfg, 22)
+    optimizer, scheduler = recipe.build_optimizer(model, cfg)
+    rate = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups
+            for p in g["params"]}
+    assert len(rate) == len(list(model.parameters()))           # each parameter once
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+        rate = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups
+                for p in g["params"]}
+        base = rate[id(model.head.weight)][0]
+        for name, p in model.named_parameters():
+            lr, decay = rate[id(p)]
+            factor = 2.0 if name.endswith("time_decay") else 3.0 if name.endswith(
+                "time_first") else 1.0
+            assert lr == pytest.approx(factor * base), name
+            assert decay == (0.1 if p.squeeze().dim() >= 2 else 0.0), name
+    plain, _ = recipe.build_optimizer(model, dataclasses.replace(cfg, layerwise_lr=False))
+    assert len({g["lr"] for g in plain.param_groups}) == 1
+
+
+def test_embedding_init(tmp_path, text_file):
+    paper, _ = recipe.build_model(tiny(tmp_path, text_file), 22)
+    official, _ = recipe.build_model(tiny(tmp_path, text_file, emb_init="lr", lr=3e-2), 22)
+    for model, bound in ((paper, 1e-4), (official, 3e-2)):
+        w = model.emb.weight
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound   # U(-bound, bound)
+    assert config_from_args(["--preset=official"]).l2wrap is True
+
+
+# ----------------------------------------------------------------------------- start-up, compile
+
+
+def test_stale_temporaries_are_removed_at_start(tmp_path, text_file, capsys):
+    cfg = tiny(tmp_path, text_file, max_iters=1, eval_interval=1)
+    out = Path(cfg.out_dir)
+    out.mkdir()
+    stale = [out / "ckpt.pt.k3j2h1.tmp", out / "metrics.jsonl.x9y8.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    keep = out / "notes.tmp"                          # not one of ours: left alone
+    keep.write_text("mine")
+    train(cfg)
+    assert not any(p.exists() for p in stale) and keep.exists()
+    assert "removed" in capsys.readouterr().out
+
+
+def test_compile_wraps_the_training_model_only(tmp_path, text_file, monkeypatch):
+    """With compile, the steps call torch.compile's result; the checkpoint holds the bare
+    model's names (no "_orig_mod." prefix) and loads back."""
+    from rwkv_ref.checkpoint import load_checkpoint
+
+    compiled = []
+
+    def fake_compile(model, **kwargs):            # the real one is tested on the GPU machine
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfg = tiny(tmp_path, text_file, compile=True, max_iters=2, eval_interval=2)
+    train(cfg)
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+    names = state_of(Path(cfg.out_dir) / "ckpt.pt")["model"]
+    assert not any(k.startswith("_orig_mod.") for k in names)
+    load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+    assert config_from_args(["--preset=gpu"]).compile and not TrainConfig().compile
+
+
+@pytest.mark.slow
+def test_compile_really_trains(tmp_path, text_file):
+    """torch.compile for real (inductor needs a C++ compiler; about a minute on a CPU)."""
+    cfg = tiny(tmp_path, text_file, model="gpt", compile=True, max_iters=6, eval_interval=6)
+    result = train(cfg)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
