@@ -139,3 +139,46 @@ def token_ids(vocab_size: int, batch: int, length: int):
 
 # The weights of a random model: a seed for ``rwkv_ref.testing.random_model`` (see above).
 weight_seeds = st.integers(0, 2**16)
+
+
+@st.composite
+def models_and_tokens(draw, batch=(1, 3), length=(1, 12), impl: str = "parallel"):
+    """(config, weight seed, idx (B, T) token ids) for a random model and its input."""
+    cfg = draw(configs(impl), label="config")
+    B = draw(st.integers(*batch), label="B")
+    T = draw(st.integers(*length), label="T")
+    return cfg, draw(weight_seeds, label="weight seed"), draw(token_ids(cfg.vocab_size, B, T))
+
+
+# ----------------------------------------------------------------------------- WKV variants
+
+
+def wkv_variants(stable_only: bool = False) -> list:
+    """Every registered WKV variant as a pytest parameter: ``rwkv_ref.WKV_IMPLS`` (a variant
+    registered later is covered without editing any test), "cuda" skipped where there is no
+    GPU, saying so. Never filtered by whether a kernel builds: a build failure fails.
+
+    Args:
+        stable_only: leave out "naive" (eq. 14 as written overflows by design for large k).
+    """
+    import pytest
+
+    from rwkv_ref import WKV_IMPLS
+
+    params = []
+    for name in WKV_IMPLS:
+        if stable_only and name == "naive":
+            continue
+        if name == "cuda" and not torch.cuda.is_available():
+            params.append(pytest.param(name, marks=pytest.mark.skip(
+                reason="cuda: no GPU on this machine")))
+        else:
+            params.append(name)
+    return params
+
+
+def runnable_variants() -> list[str]:
+    """The names of ``wkv_variants`` that run here (all but a GPU-less "cuda")."""
+    from rwkv_ref import WKV_IMPLS
+
+    return [n for n in WKV_IMPLS if n != "cuda" or torch.cuda.is_available()]

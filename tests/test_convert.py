@@ -23,11 +23,14 @@ from rwkv_ref.testing import random_model, random_state_dict  # noqa: E402
 from test_model import assert_close_rel, assert_states_close, run_rnn, tokens  # noqa: E402
 
 CFG = RWKVConfig(vocab_size=37, n_layer=3, n_embd=16, wkv_impl="parallel")
+# Wide enough for the rnn kernel's SIMD main loops and the cpp WKV kernel's 32-channel block
+# plus a tail (RNN mode on the CPU runs through them); dim_ffn not a multiple of 8.
+WIDE = RWKVConfig(vocab_size=41, n_layer=2, n_embd=40, dim_ffn=100, wkv_impl="parallel")
 
 
-@pytest.fixture(scope="module")
-def model():
-    return random_model(CFG, seed=21)
+@pytest.fixture(scope="module", params=[CFG, WIDE], ids=["16wide", "40wide"])
+def model(request):
+    return random_model(request.param, seed=21)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +63,8 @@ def test_save_then_load_is_exact(model, official_path):
     assert loaded.config == model.config
     assert_same_weights(loaded, model)
     raw = torch.load(official_path, map_location="cpu", weights_only=True)
-    assert raw["blocks.0.att.time_mix_k"].shape == (1, 1, CFG.n_embd)    # official shapes
-    assert raw["blocks.0.att.time_decay"].shape == (CFG.dim_att,)
+    assert raw["blocks.0.att.time_mix_k"].shape == (1, 1, model.config.n_embd)    # official shapes
+    assert raw["blocks.0.att.time_decay"].shape == (model.config.dim_att,)
     assert "blocks.1.ln0.weight" not in raw and "blocks.0.ln0.weight" in raw
 
 
@@ -84,7 +87,7 @@ def test_half_precision_storage_loads(model, tmp_path, dtype):
     assert loaded.head.weight.dtype == torch.float32
     for (name, p), q in zip(model.named_parameters(), loaded.parameters()):
         torch.testing.assert_close(q, p.to(dtype).float(), rtol=0, atol=0, msg=name)
-    idx = tokens(CFG, 1, 10, seed=2)
+    idx = tokens(model.config, 1, 10, seed=2)
     with torch.no_grad():
         assert_close_rel(loaded(idx)[0], model(idx)[0], rel=0.05)
     kept = convert.from_blinkdl(path, dtype=dtype, wkv_impl="parallel")
@@ -109,12 +112,12 @@ def test_hf_names_are_transformers_names(model):
 
 
 def test_from_hf_undoes_transformers_rescaling(model):
-    hf = convert.to_hf(model, rescale_every=2)
+    hf = convert.to_hf(model, rescale_every=1)      # block i divided by 2^i
     with torch.no_grad():
-        hf(tokens(CFG, 1, 3, seed=3))                # eval mode: divides weights in place
+        hf(tokens(model.config, 1, 3, seed=3))                # eval mode: divides weights in place
     assert hf.rwkv.layers_are_rescaled
-    assert not torch.equal(hf.rwkv.blocks[2].attention.output.weight,
-                           model.blocks[2].att.output.weight)
+    assert not torch.equal(hf.rwkv.blocks[-1].attention.output.weight,
+                           model.blocks[-1].att.output.weight)
     assert_same_weights(from_hf(hf, wkv_impl="parallel"), model)
 
 
@@ -169,7 +172,7 @@ def test_transformers_missing_is_explained(model, monkeypatch):
 
 def test_parity_with_official_package_gpt_mode(model, official_path):
     official = load_official(official_path)
-    idx = tokens(CFG, 1, 23, seed=4)
+    idx = tokens(model.config, 1, 23, seed=4)
     logits, _ = official.forward(idx[0].tolist(), None, full_output=True)    # (T, V)
     with torch.no_grad():
         ours, _ = model(idx)
@@ -178,7 +181,7 @@ def test_parity_with_official_package_gpt_mode(model, official_path):
 
 def test_parity_with_official_package_rnn_mode_and_states(model, official_path):
     official = load_official(official_path, drop_suffix=True)
-    idx = tokens(CFG, 1, 16, seed=5)
+    idx = tokens(model.config, 1, 16, seed=5)
     with torch.no_grad():
         ours, our_state = run_rnn(model, idx[:, :10])
         state = None
@@ -202,7 +205,7 @@ def test_parity_with_official_package_rnn_mode_and_states(model, official_path):
 
 def test_parity_with_transformers_gpt_mode(model):
     hf = convert.to_hf(model)
-    idx = tokens(CFG, 2, 19, seed=6)
+    idx = tokens(model.config, 2, 19, seed=6)
     with torch.no_grad():
         theirs = hf(idx, use_cache=False).logits
         ours, _ = model(idx)
@@ -213,7 +216,7 @@ def test_parity_with_transformers_rnn_mode(model):
     # batch 1: transformers 5.23's one-token path mixes a (B, 1, C) input with a (B, C) shift,
     # which broadcasts to (B, B, C) when B > 1 (its GPT mode with a state is fine, see below)
     hf = convert.to_hf(model)
-    idx = tokens(CFG, 1, 8, seed=7)
+    idx = tokens(model.config, 1, 8, seed=7)
     with torch.no_grad():
         ours, our_state = run_rnn(model, idx)
         state = None
@@ -226,7 +229,7 @@ def test_parity_with_transformers_rnn_mode(model):
 
 def test_parity_with_transformers_carried_state(model):
     hf = convert.to_hf(model)
-    idx = tokens(CFG, 2, 14, seed=8)
+    idx = tokens(model.config, 2, 14, seed=8)
     with torch.no_grad():
         _, our_state = model(idx[:, :8])
         state = hf(idx[:, :8], use_cache=True).state

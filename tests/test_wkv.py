@@ -17,23 +17,15 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from rwkv_ref import WKV_IMPLS, WKVState, wkv, wkv_step
+from rwkv_ref import WKVState, wkv, wkv_step
 from rwkv_ref.wkv import wkv_parallel
-from strategies import WKVProblem, grid, wkv_problems
+from strategies import WKVProblem, grid, runnable_variants, wkv_problems, wkv_variants
 
 F64 = torch.float64
-
-
-def _variant(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        return pytest.param(name, marks=pytest.mark.skip(reason="cuda: no GPU on this machine"))
-    return name
-
-
-VARIANTS = [_variant(name) for name in WKV_IMPLS]
+VARIANTS = wkv_variants()
 # naive overflows by design once |k| or |u + k| passes ~88 in float32 (~709 in float64)
-STABLE = [_variant(name) for name in WKV_IMPLS if name != "naive"]
-NAMES = [name for name in WKV_IMPLS if name != "cuda" or torch.cuda.is_available()]
+STABLE = wkv_variants(stable_only=True)
+NAMES = runnable_variants()
 
 
 def run(impl, w, u, k, v, state=None, **kw):
