@@ -45,7 +45,8 @@ VOCAB = 65                   # tiny-shakespeare's characters
 TARGET_RATIO = {64: 1.0, 128: 1.0, 256: 1.2, 1024: 1.2}   # RWKV / GPT, at 4 x 128
 TARGET_VAL_LOSS = 1.70
 TARGET_MINUTES = 10.0
-NANOGPT_CPU_VAL_LOSS = 1.88  # nanoGPT, 4 x 128, ctx 64, batch 12, 2000 iterations (DESIGN.md)
+# nanoGPT, 4 x 128, ctx 64, batch 12, 2000 iterations (book/design.md, "Reference figures")
+NANOGPT_CPU_VAL_LOSS = 1.88
 
 
 def wkv_impl_used() -> str:

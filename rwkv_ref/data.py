@@ -8,8 +8,8 @@ Where the text comes from, the first that applies wins:
 4. ``../shared/data/tinyshakespeare.txt`` beside the repository, where CI keeps a copy;
 5. a download from the char-rnn repository into the cache.
 
-Copies from 3-5 are tiny-shakespeare and must match its sha256 (DESIGN.md). The text is never
-part of the repository.
+Copies from 3-5 are tiny-shakespeare and must match its sha256 (book/design.md, section
+"Data"). The text is never part of the repository.
 
     data = load_data()                     # TextData: tokenizer, train and val token ids
     x, y = get_batch(data.train, batch_size=12, ctx_len=64, generator=g)   # (B, T) each

@@ -275,7 +275,8 @@ class Block(nn.Module):
 
 
 def init_time_params(layer_id: int, n_layer: int, n_embd: int, dim_att: int) -> dict:
-    """The official initial values of one block's decay, bonus and mixes (see DESIGN.md).
+    """The official initial values of one block's decay, bonus and mixes (book/design.md,
+    section "The initialisation").
 
     ``r01 = i/(L-1)`` (0 for one layer), ``r1a0 = 1 - i/L``, ``d[j] = j/C``;
     ``time_decay[j] = -5 + 8 (j/(A-1))^(0.7 + 1.3 r01)``, ``time_first[j] = ln 0.3 + 0.5((j+1)
@@ -330,7 +331,8 @@ class RWKV(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """The official initialisation (DESIGN.md); uses the global torch RNG."""
+        """The official initialisation (book/design.md, section "The initialisation"); uses
+        the global torch RNG."""
         L = self.config.n_layer
         for name, module in self.named_modules():
             if isinstance(module, nn.LayerNorm):

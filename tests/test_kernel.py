@@ -325,7 +325,8 @@ def test_large_exponents_float32_finite_and_correct():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_minus_infinity_is_the_empty_state(dtype):
-    """p = -inf (DESIGN.md allows it) behaves as the finite EMPTY_P: same y, state, grads."""
+    """p = -inf (book/design.md, section "The WKV state", allows it) behaves as the finite
+    EMPTY_P: same y, state, grads."""
     w, u, k, v, empty = make_inputs(2, 20, 35, 2.0, 8, dtype)
     inf_state = WKVState(empty.a, empty.b, torch.full_like(empty.p, -math.inf))
     inputs = [w, u, k, v]
