@@ -29,8 +29,10 @@ import os
 import shutil
 from pathlib import Path
 
-from sphinx.application import Sphinx
-from sphinx.errors import ConfigError
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:    # sphinx is imported only by the build, so that the tests can use this file
+    from sphinx.application import Sphinx
 
 HERE = Path(__file__).resolve().parent
 BOOK = HERE.parent
@@ -45,6 +47,8 @@ def mathjax_source(app: Sphinx) -> Path:
     """The es5/ folder of the npm-installed MathJax, or a ConfigError saying how to get it."""
     source = (Path(app.confdir) / app.config.rwkv_mathjax_dir).resolve()
     if not (source / MATHJAX_FILES[0]).is_file() or not (source / MATHJAX_FONTS).is_dir():
+        from sphinx.errors import ConfigError
+
         raise ConfigError(f"MathJax is missing from {source}: build the book with `make book`, "
                           "which installs it once with npm (no CDN is used)")
     return source
