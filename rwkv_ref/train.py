@@ -1,13 +1,6 @@
-"""Train RWKV (or the GPT baseline) on tiny-shakespeare, on one process or many.
+"""The training loop: RWKV (or the GPT baseline) on tiny-shakespeare, one process or many.
 
-    python -m rwkv_ref.train                              # the cpu preset: ~10 min on 2 cores
-    python -m rwkv_ref.train --preset=gpu                 # 6 x 384, ctx 256, bf16 on one GPU
-    python -m rwkv_ref.train --n_layer=2 --lr=1e-3        # any TrainConfig field, type-checked
-    python -m rwkv_ref.train --model=gpt                  # the transformer baseline, same loop
-    python -m rwkv_ref.train --resume --out_dir=out/cpu   # continue from out/cpu/ckpt.pt
-    torchrun --nproc_per_node=2 -m rwkv_ref.train         # DistributedDataParallel
-
-Every size and knob is a field of ``TrainConfig``; a preset is a named set of overrides.
+The commands and options are ``rwkv_ref.config.USAGE`` (``python -m rwkv_ref.train --help``).
 Writes to ``out_dir``: ``ckpt.pt`` (at every evaluation, at the end and on Ctrl-C),
 ``metrics.jsonl``, ``loss.png`` and ``sample.txt``.
 
