@@ -22,7 +22,8 @@ CHECKPOINT_NAME = "ckpt.pt"     # out_dir/ckpt.pt: what --resume continues from
 USAGE = """Train RWKV (or the GPT baseline) on tiny-shakespeare, on one process or many.
 
     python -m rwkv_ref.train                              # the cpu preset: ~10 min on 2 cores
-    python -m rwkv_ref.train --preset=gpu                 # 6 x 384, ctx 256, bf16 on one GPU
+    python -m rwkv_ref.train --preset=gpu                 # 6 x 384, ctx 256, bf16, compiled
+    python -m rwkv_ref.train --preset=official            # cpu + the official code's extras
     python -m rwkv_ref.train --n_layer=2 --lr=1e-3        # any TrainConfig field, type-checked
     python -m rwkv_ref.train --model=gpt                  # the transformer baseline, same loop
     python -m rwkv_ref.train --resume --out_dir=out/cpu   # continue from out/cpu/ckpt.pt
@@ -30,7 +31,8 @@ USAGE = """Train RWKV (or the GPT baseline) on tiny-shakespeare, on one process 
 
 Every size and knob is a field of ``TrainConfig``; a preset is a named set of overrides.
 Writes to ``out_dir``: ``ckpt.pt`` (at every evaluation, at the end and on Ctrl-C),
-``metrics.jsonl``, ``loss.png`` and ``sample.txt``.
+``metrics.jsonl``, ``loss.png`` and ``sample.txt``. Bad input (options, data, checkpoint,
+device) ends in one line on stderr and exit status 2; ``--debug`` shows the traceback.
 
 Under torchrun every process (rank) draws its own batches, ``batch_size / world_size`` windows
 from a generator seeded with ``seed + rank``; DDP averages the gradients, so a step sees

@@ -10,6 +10,11 @@ import torch.nn.functional as F
 from rwkv_ref.compare import count_params, matched_configs
 from rwkv_ref.gpt import GPT, GPTConfig
 from rwkv_ref.config import TrainConfig
+from rwkv_ref.report import read_metrics
+
+
+def state_of(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def small(**overrides) -> GPT:
@@ -120,3 +125,39 @@ def test_compare_matches_parameter_counts(n_layer, n_embd, ctx_len):
     assert rwkv.model == "rwkv" and gpt.model == "gpt"
     assert abs(n_gpt - n_rwkv) <= 0.01 * n_rwkv             # far inside the required 5%
     assert (gpt.n_layer, gpt.n_embd, gpt.ctx_len) == (n_layer, n_embd, ctx_len)
+
+
+def test_verdict_names_the_winner_and_overlapping_seeds():
+    from rwkv_ref.compare import mean_spread, verdict
+
+    assert verdict({"RWKV": [1.50, 1.60], "GPT": [1.40, 1.45]}, "here").startswith(
+        "**GPT wins here** by 0.1250")
+    assert "overlap" in verdict({"RWKV": [1.50, 1.60], "GPT": [1.55, 1.70]}, "here")
+    assert "overlap" not in verdict({"RWKV": [1.50, 1.52], "GPT": [1.55, 1.70]}, "here")
+    assert mean_spread([1.0, 1.5]) == "1.2500 ± 0.2500"
+
+
+def test_compare_end_to_end_on_a_tiny_budget(tmp_path):
+    """Sweep, best-of and seeds: the chosen rate is the sweep's best for each model, and each
+    final run is its own seed."""
+    from rwkv_ref.compare import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog; " * 40, encoding="utf-8")
+    out = tmp_path / "cmp"
+    assert main(["--lrs=1e-3,3e-2", "--sweep_iters=3", "--full_iters=3", "--seeds=2",
+                 "--nanogpt=false", f"--data={text}", "--n_layer=1", "--n_embd=16",
+                 "--n_head=2", "--ctx_len=8", "--batch_size=4", "--eval_iters=1",
+                 "--wkv_impl=parallel", "--num_threads=1", f"--out_dir={out}"]) == 0
+    md = (out / "results.md").read_text()
+    for model in ("rwkv", "gpt"):
+        losses = {lr: read_metrics(out / f"sweep_{model}_lr{lr}" / "metrics.jsonl")[-1]
+                  ["val_loss"] for lr in ("0.001", "0.03")}
+        best = min(losses, key=losses.get)
+        row = next(line for line in md.splitlines() if line.startswith(f"| {model.upper()} "))
+        assert f"| {float(best):g} (grid edge) |" in row, row
+        seeds = [state_of(out / f"final_{model}_seed{s}" / "ckpt.pt")["train_config"]
+                 for s in (1337, 1338)]
+        assert [c["seed"] for c in seeds] == [1337, 1338]
+        assert {c["lr"] for c in seeds} == {float(best)}
+    assert "wins at equal parameters and tokens" in md and (out / "compare.png").is_file()
