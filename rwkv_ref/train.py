@@ -1,13 +1,7 @@
 """The training loop: RWKV (or the GPT baseline) on tiny-shakespeare, one process or many.
 
-The commands and options are ``rwkv_ref.config.USAGE`` (``python -m rwkv_ref.train --help``).
-Writes to ``out_dir``: ``ckpt.pt`` (at every evaluation, at the end and on Ctrl-C),
-``metrics.jsonl``, ``loss.png`` and ``sample.txt``. Bad input (options, data, checkpoint,
-device) ends in one line on stderr and exit status 2; ``--debug`` shows the traceback.
-
-Under torchrun every process (rank) draws its own batches, ``batch_size / world_size`` windows
-from a generator seeded with ``seed + rank``; DDP averages the gradients, so a step sees
-``batch_size`` windows in all. Only rank 0 prints, draws the progress bar and writes files.
+The commands, options, outputs and the torchrun behaviour are described once, in
+``rwkv_ref.config.USAGE`` (``python -m rwkv_ref.train --help``).
 """
 from __future__ import annotations
 
