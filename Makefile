@@ -6,6 +6,7 @@
 #   make test-slow   the same with the thorough hypothesis profile and slow tests
 #   make bench       benchmarks: figures printed side by side with their references
 #   make compare     RWKV against the GPT baseline at equal parameters and tokens
+#   make recipe      what each of the official trainer's extras does to RWKV's loss
 #   make book        the HTML book built from notebooks/ (warnings are errors)
 #   make book-check  the book opened in headless Chromium: math rendered, plots loaded
 #   make student     the student edition of the chapters, in student/ (exercises as stubs)
@@ -24,7 +25,7 @@ STAMP  := $(VENV)/.installed
 BOOK_STAMP := $(VENV)/.installed-book
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run train sample test test-fast test-slow bench compare book book-check student grade \
+.PHONY: install run train sample test test-fast test-slow bench compare recipe book book-check student grade \
 	experiments gpu-check clean
 
 install: $(STAMP)
@@ -62,6 +63,9 @@ bench: $(STAMP)
 
 compare: $(STAMP)
 	$(PY) -m rwkv_ref.compare --out_dir=out/compare
+
+recipe: $(STAMP)
+	$(PY) -m rwkv_ref.compare --recipe --out_dir=out/recipe
 
 student: $(STAMP)
 	$(PY) -m rwkv_ref.student --out student

@@ -1,6 +1,6 @@
 """``make bench``: every benchmark in one run, each printing its figures beside its reference.
 
-Usage: ``python -m benchmarks.run [wkv] [scan] [decode] [train]`` (default: all). Figures and plots
+Usage: ``python -m benchmarks.run [wkv] [scan] [decode] [train] [selfcheck]`` (default: all). Figures and plots
 also go to ``out/bench/``. Nothing here asserts anything about time.
 """
 import importlib
@@ -16,6 +16,7 @@ BENCHMARKS = {
     "scan": "benchmarks.bench_scan",      # the parallel-scan WKV: work, depth, time vs T
     "decode": "benchmarks.bench_decode",  # RNN-mode decoding vs the official rwkv package
     "train": "benchmarks.bench_train",    # training throughput vs the GPT baseline
+    "selfcheck": "benchmarks.bench_selfcheck",  # what the kernels' first-use checks cost
 }
 
 
@@ -24,7 +25,7 @@ def main(names: list[str]) -> int:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise ConfigError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)} "
-                          f"(python -m benchmarks.run [wkv] [decode] [train] [--debug])")
+                          f"(python -m benchmarks.run [NAME ...] [--debug])")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in names or list(BENCHMARKS):
         print(f"\n=== {name} " + "=" * (70 - len(name)))

@@ -3,6 +3,7 @@ equal tokens (the paper's first question, at small scale).
 
     python -m rwkv_ref.compare --out_dir=out/compare      # make compare: under 30 min on 2 cores
     python -m rwkv_ref.compare --full_iters=100 --seeds=1 # smaller budgets (see BUDGET_KEYS)
+    python -m rwkv_ref.compare --recipe --out_dir=out/recipe  # make recipe: the official extras
 
 Three stages, every run through ``rwkv_ref.train`` with the ``compare`` preset's sizes:
 
@@ -18,6 +19,11 @@ Every schedule warms up over a tenth of its steps, then follows a cosine to lr /
 MLP width is chosen so that the parameter counts agree within 5% (``matched_configs``).
 Writes ``out_dir/results.md`` (the table), ``out_dir/compare.png`` (the final runs' curves)
 and one sub-folder per run.
+
+With ``--recipe`` it measures instead what each of the official trainer's extras does to RWKV
+(``RECIPE_VARIANTS``: each option alone, then all three, beside our defaults), every variant at
+the preset's learning rate for ``full_iters`` steps and ``seeds`` seeds, into
+``out_dir/recipe.md``.
 """
 from __future__ import annotations
 
@@ -49,11 +55,12 @@ NANOGPT_GPT_RECIPE = dict(lr=1e-3, min_lr=1e-4, warmup_iters=100, weight_decay=0
 class Budget:
     """How much ``make compare`` trains; each field is also a ``--key=value`` option."""
 
-    lrs: str = "1e-3,2e-3,4e-3,8e-3"   # the sweep's grid (factors of 2)
-    sweep_iters: int = 60
+    lrs: str = "1e-3,2e-3,4e-3,8e-3,1.6e-2"   # the sweep's grid (factors of 2)
+    sweep_iters: int = 120             # 60 left the GPT on its unigram plateau (val 2.5)
     full_iters: int = 250
     seeds: int = 2
     nanogpt: bool = True               # also run nanoGPT's CPU setting
+    recipe: bool = False               # measure the official recipe's options instead
 
     @property
     def grid(self) -> list[float]:
@@ -270,6 +277,66 @@ def compare(cfg: TrainConfig, budget: Budget = Budget()) -> str:
     return text
 
 
+# What the official v4neo trainer does differently, one TrainConfig change each (book/design.md,
+# "Training recipe"); the first row is our default, the last the official preset's three together.
+RECIPE_VARIANTS: dict[str, dict] = {
+    "ours (no extras)": {},
+    "layerwise lr (time_decay 2x, time_first 3x)": dict(layerwise_lr=True),
+    "L2Wrap": dict(l2wrap=True),
+    "embedding init U(+-lr)": dict(emb_init="lr"),
+    "weight decay 0.1 (matrices)": dict(weight_decay=0.1),
+    "official (the first three together)": dict(layerwise_lr=True, l2wrap=True, emb_init="lr"),
+}
+
+
+def recipe_effects(cfg: TrainConfig, budget: Budget) -> str:
+    """Every ``RECIPE_VARIANTS`` entry on RWKV at ``cfg.lr`` for ``budget.full_iters`` steps,
+    ``budget.seeds`` seeds (the same batches for every variant under one seed); write
+    ``recipe.md`` into ``cfg.out_dir``.
+
+    Returns:
+        The markdown: per variant the validation loss of each seed, their mean and the
+        difference from our default under the same seeds.
+    """
+    start, out = time.time(), Path(cfg.out_dir)
+    rwkv = dataclasses.replace(cfg, model="rwkv")
+    runs = {name: [run_one(scheduled(dataclasses.replace(rwkv, **change), budget.full_iters,
+                                     cfg.lr, cfg.seed + i, out / f"recipe{v}_seed{cfg.seed + i}"))
+                   for i in range(budget.seeds)]
+            for v, (name, change) in enumerate(RECIPE_VARIANTS.items())}
+    text = recipe_markdown(runs, budget, time.time() - start)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.md").write_text(text)
+    print(f"\n{text}\nwrote {out / 'recipe.md'}")
+    return text
+
+
+def recipe_markdown(runs: dict[str, list[Outcome]], budget: Budget, total_s: float) -> str:
+    """The table of ``recipe_effects``. runs: {variant: [Outcome per seed]}, ours first."""
+    first = next(iter(runs.values()))
+    cfg, base = first[0].cfg, [o.val_loss for o in first]
+    seeds = ", ".join(str(o.cfg.seed) for o in first)
+    lines = ["## The official recipe's options, measured on RWKV", "",
+             f"{size_of(cfg)}, lr {cfg.lr:g} (a tenth warm-up, cosine to lr / 10), "
+             f"{budget.full_iters} steps ({budget.full_iters * cfg.batch_size * cfg.ctx_len:,} "
+             f"tokens), seeds {seeds}: every variant sees the same batches under one seed. "
+             f"Total wall time {total_s / 60:.1f} min.", "",
+             "| variant | val loss per seed | mean | change from ours (mean over seeds) |",
+             "|---|---|---:|---:|"]
+    for name, outcomes in runs.items():
+        losses = [o.val_loss for o in outcomes]
+        change = statistics.mean(a - b for a, b in zip(losses, base))
+        lines.append(f"| {name} | {', '.join(f'{x:.4f}' for x in losses)} | "
+                     f"{statistics.mean(losses):.4f} | {change:+.4f} |")
+    if len(base) > 1:
+        lines += ["", f"Seed noise for scale: our default's {len(base)} seeds lie within "
+                  f"{(max(base) - min(base)) / 2:.4f} of their midpoint; a change smaller than "
+                  "that is not an effect these runs can show."]
+    else:
+        lines += ["", "One seed: these runs cannot tell an effect from seed noise."]
+    return "\n".join(lines) + "\n"
+
+
 def split_budget(argv: list[str]) -> tuple[Budget, list[str]]:
     """The ``Budget`` options of ``argv`` and the rest (TrainConfig overrides)."""
     values, rest = {}, []
@@ -303,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args: list[str]) -> int:
         budget, rest = split_budget(args)
-        compare(config_from_args(rest, default_preset="compare"), budget)
+        cfg = config_from_args(rest, default_preset="compare")
+        (recipe_effects if budget.recipe else compare)(cfg, budget)
         return 0
 
     return run_command("rwkv_ref.compare", body, argv)

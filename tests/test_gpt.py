@@ -161,3 +161,33 @@ def test_compare_end_to_end_on_a_tiny_budget(tmp_path):
         assert [c["seed"] for c in seeds] == [1337, 1338]
         assert {c["lr"] for c in seeds} == {float(best)}
     assert "wins at equal parameters and tokens" in md and (out / "compare.png").is_file()
+
+
+def test_recipe_mode_trains_each_variant_with_its_option(tmp_path):
+    """``--recipe``: one run per variant and seed, each with exactly its option switched on,
+    and the table's "change" column is each variant's loss minus ours under the same seed."""
+    from rwkv_ref.compare import RECIPE_VARIANTS, main
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog; " * 40, encoding="utf-8")
+    out = tmp_path / "recipe"
+    assert main(["--recipe", "--full_iters=2", "--seeds=1", f"--data={text}", "--n_layer=1",
+                 "--n_embd=16", "--ctx_len=8", "--batch_size=4", "--eval_iters=1",
+                 "--wkv_impl=parallel", "--num_threads=1", f"--out_dir={out}"]) == 0
+    rows = [line for line in (out / "recipe.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| variant")]
+    assert [r.split(" | ")[0][2:] for r in rows] == list(RECIPE_VARIANTS)
+    ours = None
+    for v, (name, change) in enumerate(RECIPE_VARIANTS.items()):
+        losses = []
+        for seed in (1337,):
+            saved = state_of(out / f"recipe{v}_seed{seed}" / "ckpt.pt")["train_config"]
+            assert saved["seed"] == seed and saved["model"] == "rwkv"
+            for option in ("layerwise_lr", "l2wrap", "emb_init", "weight_decay"):
+                assert saved[option] == change.get(option, TrainConfig.__dict__[option]), option
+            losses.append(read_metrics(out / f"recipe{v}_seed{seed}" / "metrics.jsonl")[-1]
+                          ["val_loss"])
+        ours = ours or losses
+        row = rows[v].split(" | ")
+        expected = sum(a - b for a, b in zip(losses, ours)) / len(losses)
+        assert abs(float(row[3].rstrip(" |")) - expected) < 1e-4, (name, row)

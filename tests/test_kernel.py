@@ -210,19 +210,24 @@ def test_channels_are_independent(dtype):
 
 
 def test_outputs_fully_written():
-    """No output or gradient element is left unwritten: the buffers come from torch.empty,
-    so memory freed just before (filled with NaN here) may come back to the kernel."""
-    for B, T, C in [(2, 19, 45), (3, 33, 300), (1, 1, 1)]:
-        w, u, k, v, state = make_inputs(B, T, C, 1.0, B + T + C, torch.float32, "previous")
-        leaves = [x.clone().requires_grad_() for x in (w, u, k, v, *state)]
-        poison = [torch.full((B, T, C), math.nan) for _ in range(4)]
-        poison += [torch.full((B, C), math.nan) for _ in range(8)]
-        del poison
-        y, out = run_cpp(*leaves[:4], WKVState(*leaves[4:]))
-        loss = y.square().sum() + sum(s.sum() for s in out)
-        loss.backward()
-        for x in (y, *out, *(leaf.grad for leaf in leaves)):
-            assert torch.isfinite(x).all()
+    """No output or gradient element is left unwritten. With deterministic algorithms on,
+    torch fills every tensor it allocates uninitialised (the kernel's ``at::empty_like``) with
+    NaN, so an element the kernel forgets to write stays NaN (deterministic, unlike freeing
+    NaN tensors and hoping the allocator hands them back). Odd sizes reach the SIMD tails."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.isnan(torch.empty(3)).all()             # the fill is on
+        for B, T, C in [(2, 19, 45), (3, 33, 300), (1, 1, 1)]:
+            w, u, k, v, state = make_inputs(B, T, C, 1.0, B + T + C, torch.float32, "previous")
+            leaves = [x.clone().requires_grad_() for x in (w, u, k, v, *state)]
+            y, out = run_cpp(*leaves[:4], WKVState(*leaves[4:]))
+            loss = y.square().sum() + sum(s.sum() for s in out)
+            loss.backward()
+            for x in (y, *out, *(leaf.grad for leaf in leaves)):
+                assert torch.isfinite(x).all()
+    finally:
+        torch.use_deterministic_algorithms(was)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -421,18 +426,14 @@ def fresh_checks(monkeypatch):
     monkeypatch.setattr(importlib.import_module("rwkv_ref.wkv"), "_warned", set())
 
 
-def test_a_correct_kernel_passes_its_self_check_silently_and_quickly(monkeypatch):
-    import time
+def test_a_correct_kernel_passes_its_self_check_silently(monkeypatch):
     import warnings
 
     require_kernel("cpp")
     fresh_checks(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        start = time.perf_counter()
-        assert kernel.unavailable_reason("cpp") is None
-        seconds = time.perf_counter() - start
-    assert seconds < 1.0, f"the self-check took {seconds:.2f} s"   # ~0.01 s on 2 cores
+        assert kernel.unavailable_reason("cpp") is None       # its cost: make bench (selfcheck)
 
 
 def _off_by_a_little(function, which):

@@ -131,16 +131,12 @@ def test_gradients_still_flow_through_rnn_mode():
 
 
 def test_a_correct_rnn_kernel_passes_its_self_check_silently(monkeypatch):
-    import time
     import warnings
 
     monkeypatch.setattr(kernel, "_verdicts", {})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        start = time.perf_counter()
-        assert kernel.unavailable_reason("rnn") is None
-        seconds = time.perf_counter() - start
-    assert seconds < 1.0, f"the self-check took {seconds:.2f} s"   # ~0.03 s on 2 cores
+        assert kernel.unavailable_reason("rnn") is None       # its cost: make bench (selfcheck)
 
 
 def _scaled(function, factor):
