@@ -1,32 +1,30 @@
 """The official RWKV-4 169M Pile weights and GPT-NeoX's tokenizer: named once, fetched on request.
 
-    python -m rwkv_ref.pretrained --out=models
-
-fetches the two files of ``REMOTES`` (about 340 MB in all) into ``models/``; nothing else in
-rwkv_ref touches the network, and no test downloads. A download streams into a temporary file
-beside its destination, is checked, and only then renamed into place: first its length
+``python -m rwkv_ref.pretrained --out=models`` fetches the two files of ``REMOTES`` (about
+340 MB); nothing else in rwkv_ref touches the network. A download streams into a temporary file
+beside its destination and is renamed into place only after its checks: its length
 (``Remote.size`` where known, else the server's Content-Length), then its structure (the
-checkpoint loads with ``weights_only=True`` and has the 169M shapes; the tokenizer parses,
-has 50,277 tokens and encodes ``HELLO`` to ``HELLO_IDS``). A problem is one line
+checkpoint loads with ``weights_only=True`` and has the 169M sizes; the tokenizer parses, has
+50,277 tokens and encodes ``HELLO`` as ``HELLO_IDS``). A failure is one line
 (``DownloadProblem``) and leaves nothing behind.
 
-Trust on first use: the publishers give no checksum we could check offline, so the sha256 of
-what arrived is printed and recorded beside the file as ``<file>.sha256`` (``sha256sum``'s
-format); ``verify`` (called by ``load``) compares the file against that record, so a file
-changed or damaged after its download is refused. A file put there by hand is recorded the
-first time it is verified.
+Trust on first use: no checksum of these files is published that we could check offline, so the
+sha256 of what arrived is printed and recorded as ``<file>.sha256`` (``sha256sum -c`` reads it);
+``verify`` (and so ``load``) refuses a file that no longer matches its record. A file put there
+by hand is recorded the first time it is verified.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import os
 import sys
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -145,7 +143,8 @@ def verify(path) -> str:
         raise FileProblem(f"{path.name} is not in {path.parent}; fetch it with: {COMMAND}")
     digest, record = sha256_of(path), Path(f"{path}.sha256")
     if not record.is_file():
-        _record(path, digest)                      # trust on first use
+        with contextlib.suppress(OSError):         # a read-only folder: nothing to record in
+            _record(path, digest)                  # trust on first use
         return digest
     recorded = (record.read_text().split() or [""])[0]
     if digest != recorded:
@@ -180,19 +179,15 @@ def _stream(remote: Remote, out, progress: bool) -> str:
     return digest.hexdigest()
 
 
-def _remote(name: str) -> Remote:
-    if name not in REMOTES:
-        raise DownloadProblem(f"unknown file {name!r}; the files are {', '.join(REMOTES)}")
-    return REMOTES[name]
-
-
 def download(name: str, dest_dir, progress: bool = True) -> Path:
     """Fetch ``REMOTES[name]`` into ``dest_dir``, check it, record its sha256.
 
     Returns:
         The file's path (written only if every check passed; else ``DownloadProblem``).
     """
-    remote, dest = _remote(name), Path(dest_dir) / name
+    if name not in REMOTES:
+        raise DownloadProblem(f"unknown file {name!r}; the files are {', '.join(REMOTES)}")
+    remote, dest = REMOTES[name], Path(dest_dir) / name
     remove_stale_temporaries(dest)                 # left by a download that was killed
     with atomic_write(dest) as f:
         digest = _stream(remote, f, progress)
@@ -213,8 +208,8 @@ def check_present(path) -> str:
     ``verify`` it; returns its sha256. ``FileProblem`` naming what is wrong."""
     path = Path(path)
     try:
-        _remote(path.name).check(path)
-    except ValueError as e:
+        REMOTES[path.name].check(path)             # KeyError: not one of the files
+    except (KeyError, ValueError) as e:
         raise FileProblem(f"{path} is not the expected file: {e}; delete it and fetch it "
                           f"with: {COMMAND}") from None
     return verify(path)
@@ -234,7 +229,8 @@ def load(directory=None, dtype: torch.dtype = torch.float32, **config_overrides)
 
 def main(argv=None) -> int:
     """The command line: fetch the files not yet in ``--out``; one line and exit 2 on failure."""
-    from rwkv_ref.config import run_command    # the CLI only: config sits above this module
+    # imported here, for the command line only: config sits above this module
+    from rwkv_ref.config import run_command
 
     def body(rest):
         parser = argparse.ArgumentParser(prog="python -m rwkv_ref.pretrained",

@@ -142,9 +142,16 @@ def test_a_truncated_checkpoint_of_unknown_size_fails_the_structure_check(source
     assert_nothing_kept(dest, W)
 
 
+def other_sizes(**sizes):
+    """A file maker: a random checkpoint of SMALL's sizes but these."""
+    config = RWKVConfig(**{**SMALL_SIZES, **sizes})
+    return lambda p: torch.save(random_state_dict(config), p)
+
+
 @pytest.mark.parametrize("make, message", [
-    (lambda p: torch.save(random_state_dict(RWKVConfig(vocab_size=64, n_layer=3, n_embd=16)),
-                          p), r"sizes are \{'n_layer': 3"),
+    (other_sizes(n_layer=3), r"sizes are \{'n_layer': 3"),
+    (other_sizes(n_embd=32), r"'n_embd': 32"),
+    (other_sizes(vocab_size=65), r"'vocab_size': 65\}, not the 169M"),
     (lambda p: torch.save({"weight": torch.zeros(3)}, p), "not an RWKV-4 checkpoint"),
     (lambda p: torch.save([torch.zeros(3)], p), "holds a list"),
     (lambda p: p.write_text('{"not": "a checkpoint"}'), "does not load as a torch file"),
