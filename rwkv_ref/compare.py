@@ -8,7 +8,8 @@ equal tokens (the paper's first question, at small scale).
 Three stages, every run through ``rwkv_ref.train`` with the ``compare`` preset's sizes:
 
 1. sweep: each model alone over the learning-rate grid ``lrs`` for ``sweep_iters`` steps
-   (seed ``seed``); its best is the grid point of lowest validation loss;
+   (seed ``seed``), extended by factors of 2 while the best sits on the grid's edge; its best
+   is the rate of lowest validation loss;
 2. final: each model at its best rate for ``full_iters`` steps, once per seed (``seeds`` of
    them: seed, seed + 1, ...): the same batches for both models under the same seed;
 3. nanoGPT's CPU setting (4 x 128, context 64, batch 12, 2000 steps; the GPT with nanoGPT's
@@ -44,6 +45,7 @@ from rwkv_ref.recipe import build_model, num_params
 from rwkv_ref.train import TrainResult, train
 
 TOLERANCE = 0.05          # the largest relative difference in parameter count
+MAX_EXTENSIONS = 2        # how far the sweep may go past its grid's edges
 NANOGPT_FIGURE = 1.88     # nanoGPT's README: val loss of its CPU shakespeare_char example
 NANOGPT_SIZES = dict(n_layer=4, n_embd=128, n_head=4, ctx_len=64, batch_size=12,
                      max_iters=2000, eval_interval=250, eval_iters=20, dim_ffn=0)
@@ -57,7 +59,7 @@ class Budget:
 
     lrs: str = "1e-3,2e-3,4e-3,8e-3,1.6e-2"   # the sweep's grid (factors of 2)
     sweep_iters: int = 120             # 60 left the GPT on its unigram plateau (val 2.5)
-    full_iters: int = 250
+    full_iters: int = 500              # 2M tokens at the cpu preset's sizes
     seeds: int = 2
     nanogpt: bool = True               # also run nanoGPT's CPU setting
     recipe: bool = False               # measure the official recipe's options instead
@@ -140,10 +142,25 @@ def run_one(cfg: TrainConfig) -> Outcome:
 
 
 def sweep(cfg: TrainConfig, budget: Budget, out: Path) -> dict[float, Outcome]:
-    """One model over the learning-rate grid at ``sweep_iters`` steps. Returns {lr: outcome}."""
-    return {lr: run_one(scheduled(cfg, budget.sweep_iters, lr, cfg.seed,
-                                  out / f"sweep_{cfg.model}_lr{lr:g}", evals=1))
-            for lr in budget.grid}
+    """One model over the learning-rate grid at ``sweep_iters`` steps, extended by a factor of
+    2 past either edge (up to ``MAX_EXTENSIONS`` times) while the best rate sits on that edge.
+
+    Returns:
+        {lr: outcome}, in increasing lr.
+    """
+    def run_at(lr: float) -> Outcome:
+        return run_one(scheduled(cfg, budget.sweep_iters, lr, cfg.seed,
+                                 out / f"sweep_{cfg.model}_lr{lr:g}", evals=1))
+
+    swept = {lr: run_at(lr) for lr in sorted(budget.grid)}
+    for _ in range(MAX_EXTENSIONS):
+        best, grid = best_of(swept), sorted(swept)
+        if len(grid) < 2 or best not in (grid[0], grid[-1]):
+            break
+        lr = float(f"{best * 2 if best == grid[-1] else best / 2:.3g}")
+        print(f"{cfg.model}: the best rate {best:g} is on the grid's edge; trying {lr:g}")
+        swept[lr] = run_at(lr)
+    return dict(sorted(swept.items()))
 
 
 def best_of(swept: dict[float, Outcome]) -> float:

@@ -151,11 +151,12 @@ def test_compare_end_to_end_on_a_tiny_budget(tmp_path):
                  "--wkv_impl=parallel", "--num_threads=1", f"--out_dir={out}"]) == 0
     md = (out / "results.md").read_text()
     for model in ("rwkv", "gpt"):
-        losses = {lr: read_metrics(out / f"sweep_{model}_lr{lr}" / "metrics.jsonl")[-1]
-                  ["val_loss"] for lr in ("0.001", "0.03")}
+        losses = {d.name.split("_lr")[1]: read_metrics(d / "metrics.jsonl")[-1]["val_loss"]
+                  for d in out.glob(f"sweep_{model}_lr*")}
+        assert {"0.001", "0.03"} <= set(losses) and len(losses) > 2   # a 2-point grid: extended
         best = min(losses, key=losses.get)
         row = next(line for line in md.splitlines() if line.startswith(f"| {model.upper()} "))
-        assert f"| {float(best):g} (grid edge) |" in row, row
+        assert f"| {float(best):g}" in row, row
         seeds = [state_of(out / f"final_{model}_seed{s}" / "ckpt.pt")["train_config"]
                  for s in (1337, 1338)]
         assert [c["seed"] for c in seeds] == [1337, 1338]
@@ -191,3 +192,21 @@ def test_recipe_mode_trains_each_variant_with_its_option(tmp_path):
         row = rows[v].split(" | ")
         expected = sum(a - b for a, b in zip(losses, ours)) / len(losses)
         assert abs(float(row[3].rstrip(" |")) - expected) < 1e-4, (name, row)
+
+
+@pytest.mark.parametrize("best_lr, grid, tried", [
+    (4e-3, "1e-3,2e-3,4e-3,8e-3", [1e-3, 2e-3, 4e-3, 8e-3]),                # inside: as given
+    (3.2e-2, "1e-3,2e-3,4e-3,8e-3", [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2]),  # up twice
+    (1e-1, "1e-3,2e-3,4e-3,8e-3", [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2]),    # at most twice
+    (5e-4, "1e-3,2e-3,4e-3", [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3]),   # down until inside
+])
+def test_sweep_extends_past_an_edge_while_the_best_sits_there(monkeypatch, tmp_path, best_lr,
+                                                               grid, tried):
+    from rwkv_ref import compare
+
+    def fake_run(cfg):                  # a loss with its minimum at best_lr (log scale)
+        return compare.Outcome(cfg, abs(math.log(cfg.lr / best_lr)), 0.0, None)
+
+    monkeypatch.setattr(compare, "run_one", fake_run)
+    swept = compare.sweep(TrainConfig(), compare.Budget(lrs=grid), tmp_path)
+    assert list(swept) == pytest.approx(tried)
