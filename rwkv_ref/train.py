@@ -69,9 +69,11 @@ def take_step(run: Run, stop: StopRequest) -> bool:
     return stop_now
 
 
-def train_loop(run: Run, stop: StopRequest) -> bool:
+def train_loop(run: Run, stop: StopRequest, losses: list[float]) -> bool:
     """Steps until ``max_iters``, evaluating and checkpointing every ``eval_interval`` steps.
 
+    Args:
+        losses: each step's training loss is appended here.
     Returns:
         True when stopped early by Ctrl-C (after saving a checkpoint).
     """
@@ -83,6 +85,7 @@ def train_loop(run: Run, stop: StopRequest) -> bool:
     with bar:
         while run.step < cfg.max_iters:
             stop_now = take_step(run, stop)
+            losses.append(run.last_loss)
             seconds, steps = run.window                 # training only, since the last eval
             bar.set_postfix(loss=f"{run.last_loss:.3f}",
                             tok_s=f"{steps * run.tokens_per_step / seconds:,.0f}", refresh=False)
@@ -117,15 +120,21 @@ def finish(run: Run, interrupted: bool) -> None:
 
 @dataclass
 class TrainResult:
+    """What ``train`` returns; the trained weights are in ``out_dir / "ckpt.pt"``."""
+
     history: list[dict]          # the metrics rows
     interrupted: bool            # stopped by Ctrl-C
     num_params: int
     out_dir: Path
+    losses: list[float]          # the minibatch loss of every step this call took, in order
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train as ``cfg`` says, alone or as one process of a torchrun job.
 
+    Returns:
+        A ``TrainResult``. Its ``losses`` are the training loss of each step, before that
+        step's update (averaged over processes), from the checkpoint's step on after --resume.
     Raises:
         ConfigError for unusable settings; TrainingDiverged on a non-finite loss or gradient.
     """
@@ -162,10 +171,11 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         print(f"training {cfg.model}: {num_params(run.model):,} parameters, "
               f"{d.world_size} process(es) on {d.device}, {torch.get_num_threads()} "
               f"thread(s) each, {run.tokens_per_step:,} tokens per step", flush=True)
+    losses: list[float] = []
     with StopRequest(announce=d.is_main) as stop:
-        interrupted = train_loop(run, stop)
+        interrupted = train_loop(run, stop, losses)
     finish(run, interrupted)
-    return TrainResult(run.history, interrupted, num_params(run.model), run.out_dir)
+    return TrainResult(run.history, interrupted, num_params(run.model), run.out_dir, losses)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,6 +144,30 @@ def test_tiny_run_learns_and_writes_its_files(tmp_path, text_file, model):
     assert ckpt["train_config"] == dataclasses.asdict(cfg)
 
 
+def test_losses_are_each_steps_minibatch_loss(tmp_path, text_file):
+    """The first recorded loss is the seeded initial model's loss on the first window batch,
+    computed here from scratch; one loss per step; the metrics rows' losses are among them."""
+    from rwkv_ref.data import get_batch, load_data
+    from rwkv_ref.model import RWKV, RWKVConfig
+
+    cfg = tiny(tmp_path, text_file, max_iters=6, eval_interval=3, device="cpu",
+               dtype="float32")
+    result = train(cfg)
+    assert len(result.losses) == 6 and all(isinstance(v, float) for v in result.losses)
+    assert [row["loss"] for row in result.history[1:]] == [result.losses[2], result.losses[5]]
+    text = load_data(cfg.data)
+    torch.manual_seed(cfg.seed)                     # the weights: the global generator
+    model = RWKV(RWKVConfig(vocab_size=text.tokenizer.vocab_size, n_layer=cfg.n_layer,
+                            n_embd=cfg.n_embd, ctx_len=cfg.ctx_len, wkv_impl=cfg.wkv_impl))
+    x, y = get_batch(text.train, cfg.batch_size, cfg.ctx_len,
+                     torch.Generator().manual_seed(cfg.seed))       # rank 0's batches
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(x)[0], dim=-1)                     # (B, T, V)
+    first = -log_p.gather(-1, y[..., None]).mean().item()
+    assert result.losses[0] == pytest.approx(first, rel=1e-6, abs=0)
+    assert result.losses[1] != pytest.approx(first, rel=1e-3)     # later steps differ
+
+
 def test_checkpoint_feeds_generate_and_resume(tmp_path, text_file):
     from rwkv_ref.checkpoint import load_checkpoint
 
@@ -179,7 +203,7 @@ DETERMINISTIC = ("step", "tokens", "loss", "train_loss", "val_loss", "lr")
 def test_resume_is_bit_for_bit(tmp_path, text_file, monkeypatch):
     straight = tiny(tmp_path, text_file, max_iters=10, eval_interval=2, weight_decay=0.1,
                     out_dir=str(tmp_path / "straight"))
-    train(straight)
+    whole = train(straight)
     split = dataclasses.replace(straight, out_dir=str(tmp_path / "split"))
     with monkeypatch.context() as m:
         _sigint_after(4, m)
@@ -187,6 +211,7 @@ def test_resume_is_bit_for_bit(tmp_path, text_file, monkeypatch):
     assert first.interrupted and state_of(tmp_path / "split" / "ckpt.pt")["step"] == 5
     second = train(dataclasses.replace(split, resume=True))
     assert not second.interrupted
+    assert first.losses + second.losses == whole.losses and len(second.losses) == 5
     a, b = state_of(tmp_path / "straight/ckpt.pt"), state_of(tmp_path / "split/ckpt.pt")
     assert b["step"] == 10
     for name, value in a["model"].items():
