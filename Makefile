@@ -65,7 +65,7 @@ compare: $(STAMP)
 	$(PY) -m rwkv_ref.compare --out_dir=out/compare
 
 recipe: $(STAMP)
-	$(PY) -m rwkv_ref.compare --recipe --out_dir=out/recipe
+	$(PY) -m rwkv_ref.compare --recipe --full_iters=250 --out_dir=out/recipe
 
 student: $(STAMP)
 	$(PY) -m rwkv_ref.student --out student
