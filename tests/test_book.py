@@ -199,18 +199,13 @@ def test_design_sections_keep_their_names_and_labels():
             f"book/design.md: section '{title}' with label {label} is cited by the code")
 
 
-# Chapters known to miss the 60 s budget, each named with its measured time in the syllabus:
-# a debt to pay, not a limit raised (chapter 12 trains its recall models inside the chapter).
-OVER_BUDGET = {"12_what_rwkv_can_and_cannot_do"}
-
-
 def test_syllabus_states_the_measured_times():
     times = json.loads((BOOK / "_data" / "chapter_times.json").read_text())
     assert re.fullmatch(r"\d{4}-\d\d-\d\d", times["date"]) and times["machine"]["cpu"]
     assert list(times["chapters"]) == [p.stem for p in chapters()], (
         "book/_data/chapter_times.json does not cover the chapters: run book/measure_times.py")
     slow = {name: s for name, s in times["chapters"].items()
-            if s > MAX_CHAPTER_SECONDS and name not in OVER_BUDGET}
+            if s > MAX_CHAPTER_SECONDS}
     assert not slow, f"chapters over {MAX_CHAPTER_SECONDS} s: {slow}"
     syllabus = (BOOK / "syllabus.md").read_text()
     assert f"Measured on {times['date']}" in syllabus
