@@ -196,12 +196,14 @@ def results_markdown(swept: dict, finals: dict, nano: dict, budget: Budget, voca
     """The whole comparison as markdown: what was compared, the sweep, best against best, and
     nanoGPT's setting. swept: {name: {lr: Outcome}}; finals: {name: [Outcome per seed]};
     nano: {name: Outcome} or {}."""
+    cfg = next(iter(finals.values()))[0].cfg
     lines = ["## RWKV against GPT, each at its best learning rate", "",
              f"Tiny-shakespeare, character level (V = {vocab}). Learning rate swept over "
-             f"{budget.grid} for {budget.sweep_iters} steps (seed {next(iter(finals.values()))[0].cfg.seed}), "
+             f"{budget.grid} for {budget.sweep_iters} steps (seed {cfg.seed}), "
              f"then the best of each trained for {budget.full_iters} steps with "
              f"{budget.seeds} seed(s). Schedule: a tenth warm-up, cosine to lr / 10; "
-             f"AdamW betas (0.9, 0.99), no weight decay, gradient clip 1. "
+             f"AdamW betas ({cfg.beta1:g}, {cfg.beta2:g}), weight decay {cfg.weight_decay:g} "
+             f"(matrices), gradient clip {cfg.grad_clip:g}. "
              f"Total wall time {total_s / 60:.1f} min.", "",
              "| model | size | parameters | tokens | lr sweep: val loss | chosen lr "
              "| final val loss (mean ± half-range) | seeds | wall time per run |",
@@ -225,17 +227,22 @@ def results_markdown(swept: dict, finals: dict, nano: dict, budget: Budget, voca
 
 def nanogpt_markdown(nano: dict[str, Outcome]) -> list[str]:
     """The lines of nanoGPT's CPU setting: both models and nanoGPT's own figure."""
+    size, gpt = NANOGPT_SIZES, NANOGPT_GPT_RECIPE
+    tokens = size["max_iters"] * size["batch_size"] * size["ctx_len"]
     lines = ["", "## nanoGPT's CPU setting", "",
-             "4 x 128, context 64, batch 12, 2000 steps (1,536,000 tokens); the GPT on nanoGPT's "
-             "recipe (lr 1e-3 cosine to 1e-4, 100 warm-up steps, weight decay 0.1, dropout 0), "
-             "the RWKV at its swept rate; one seed. nanoGPT's GPT ties its embedding and head, "
-             "ours does not.", "",
+             f"{size['n_layer']} x {size['n_embd']}, context {size['ctx_len']}, batch "
+             f"{size['batch_size']}, {size['max_iters']} steps ({tokens:,} tokens); the GPT on "
+             f"nanoGPT's recipe (lr {gpt['lr']:g} cosine to {gpt['min_lr']:g}, "
+             f"{gpt['warmup_iters']} warm-up steps, weight decay {gpt['weight_decay']:g}, dropout "
+             f"{gpt['dropout']:g}), the RWKV at its swept rate; one seed. nanoGPT's GPT ties its "
+             "embedding and head, ours does not.", "",
              "| model | size | parameters | lr | val loss | wall time |",
              "|---|---|---:|---:|---:|---:|"]
     for name, o in nano.items():
         lines.append(f"| {name} | {size_of(o.cfg)} | {o.result.num_params:,} | {o.cfg.lr:g} | "
                      f"{o.val_loss:.4f} | {o.wall_s / 60:.1f} min |")
-    lines.append(f"| nanoGPT (published, its README) | 4 x 128, ctx 64, batch 12 | (tied head) | 1e-3 | "
+    lines.append(f"| nanoGPT (published, its README) | {size['n_layer']} x {size['n_embd']}, ctx "
+                 f"{size['ctx_len']}, batch {size['batch_size']} | (tied head) | {gpt['lr']:g} | "
                  f"{NANOGPT_FIGURE:.2f} | |")
     lines += ["", verdict({n: [o.val_loss] for n, o in nano.items()}, "at nanoGPT's setting")]
     return lines
