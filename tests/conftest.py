@@ -10,6 +10,11 @@ Profiles (``--hypothesis-profile=NAME``):
 * ``thorough`` (``make test-slow``): twenty times as many examples.
 
 Tests marked ``slow`` are skipped unless ``--run-slow`` is given (``make test-slow`` does).
+
+In parallel (``pytest -n 2``, pytest-xdist, as ``make test`` runs) every worker uses the
+controller's hypothesis seed, so the one printed in the header reproduces the whole run, and
+one thread per worker (torch and the notebooks' kernels alike), so that two workers on two
+cores do not fight over them.
 """
 import os
 
@@ -23,7 +28,11 @@ settings.register_profile("ci", max_examples=12, **_COMMON)
 settings.register_profile("thorough", max_examples=250, **_COMMON)
 settings.load_profile("ci")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")      # set in an xdist worker
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)   # inherited by subprocesses and notebook kernels
+torch.set_num_threads(THREADS)
 
 
 def pytest_addoption(parser):
@@ -37,8 +46,19 @@ def pytest_configure(config):
     can print it: one integer reproduces every example of the run."""
     from hypothesis import core
 
-    if config.getoption("hypothesis_seed", None) is None:
-        core.global_force_seed = int.from_bytes(os.urandom(4), "little")
+    if config.getoption("hypothesis_seed", None) is not None:
+        return
+    worker_input = getattr(config, "workerinput", None)    # an xdist worker: the controller's
+    core.global_force_seed = (worker_input["hypothesis_seed"] if worker_input
+                              else int.from_bytes(os.urandom(4), "little"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """xdist, in the controller: hand every worker the controller's hypothesis seed."""
+    from hypothesis import core
+
+    node.workerinput["hypothesis_seed"] = core.global_force_seed
 
 
 def pytest_report_header(config):
@@ -50,7 +70,14 @@ def pytest_report_header(config):
             f"slow tests: {slow}"]
 
 
+# Files that take a minute or more, started first so that no worker is left with one at the
+# end while the other idles (xdist hands out whole files in collection order).
+LONG_FILES = ("test_wheel.py", "test_course.py", "08_full_model.ipynb", "06_kernel.ipynb",
+              "10_inference.ipynb")
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in LONG_FILES)     # stable: order kept
     if config.getoption("--run-slow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --run-slow (make test-slow)")
