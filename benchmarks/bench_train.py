@@ -11,7 +11,9 @@ compiled, and the ``cpu`` preset's result against its targets.
    process, so that load from other processes hits all of them alike; the figure is the
    fastest of ``REPEATS`` steps, the median beside it. "compiled" is ``torch.compile`` of
    the loss (forward and backward; the optimizer stays eager), its compile time printed
-   apart. RWKV's WKV is the fastest available (``auto``: the cpp kernel).
+   apart. RWKV's WKV is the fastest available (``auto``: the cpp kernel), and its mixing blocks
+   run through the fused ``ops`` kernel (``rwkv_ref.ops``); the row "eager, no ops" is RWKV
+   with them off (``ops.OPS_KERNEL = False``, the plain PyTorch lines), against the same GPT.
    Targets (issue 9): RWKV >= 1.0x the GPT at every context, >= 1.2x at 4 x 128 from 256.
 2. The ``cpu`` preset as ``make run`` trained it: final validation loss and wall time from
    ``out/cpu/metrics.jsonl`` against the targets (at most 1.70 in at most 10 minutes) and
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rwkv_ref import ops
 from rwkv_ref.compare import train_seconds
 from rwkv_ref.config import PRESETS, TrainConfig
 from rwkv_ref.gpt import GPT, GPTConfig
@@ -41,6 +44,7 @@ METRICS = ROOT / "out" / "cpu" / "metrics.jsonl"
 TOKENS_PER_STEP = 4096
 SHAPES = ((4, 128, 64), (4, 128, 128), (4, 128, 256), (4, 128, 1024), (6, 384, 256))
 REPEATS = 5
+NO_OPS = "eager, no ops"     # RWKV without the fused mixing-block ops
 VOCAB = 65                   # tiny-shakespeare's characters
 TARGET_RATIO = {64: 1.0, 128: 1.0, 256: 1.2, 1024: 1.2}   # RWKV / GPT, at 4 x 128
 TARGET_VAL_LOSS = 1.70
@@ -76,19 +80,23 @@ def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 class Trainer:
     """One model (a fresh copy) with its AdamW, stepping eagerly or through torch.compile."""
 
-    def __init__(self, model: torch.nn.Module, compiled: bool):
-        self.model = model
+    def __init__(self, model: torch.nn.Module, compiled: bool, fused_ops: bool = True):
+        self.model, self.fused_ops = model, fused_ops
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         self.loss = torch.compile(loss_of) if compiled else loss_of
         self.times: list[float] = []
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One training step; returns its seconds."""
-        start = time.perf_counter()
-        self.loss(self.model, x, y)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        ops.OPS_KERNEL = self.fused_ops
+        try:
+            start = time.perf_counter()
+            self.loss(self.model, x, y)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return time.perf_counter() - start
+        finally:
+            ops.OPS_KERNEL = True
 
 
 def measure(n_layer: int, n_embd: int, ctx: int, modes=("eager", "compiled")) -> dict:
@@ -100,9 +108,14 @@ def measure(n_layer: int, n_embd: int, ctx: int, modes=("eager", "compiled")) ->
     for mode in modes:
         for name, model in make_models(n_layer, n_embd, ctx).items():
             trainers[name, mode] = Trainer(model, mode == "compiled")
+    if "eager" in modes:          # RWKV on the plain PyTorch lines, against the eager GPT
+        trainers["rwkv", NO_OPS] = Trainer(make_models(n_layer, n_embd, ctx)["rwkv"], False,
+                                           fused_ops=False)
+        trainers["gpt", NO_OPS] = trainers["gpt", "eager"]
+    unique = list({id(t): t for t in trainers.values()}.values())
     first = {key: t.step(x, y) for key, t in trainers.items()}   # warm-up, compilation
     for _ in range(REPEATS):
-        for t in trainers.values():
+        for t in unique:
             t.times.append(t.step(x, y))
     return {key: (TOKENS_PER_STEP / min(t.times), TOKENS_PER_STEP / statistics.median(t.times),
                   first[key]) for key, t in trainers.items()}
@@ -113,14 +126,14 @@ def throughput(shapes=SHAPES, modes=("eager", "compiled")) -> None:
     print(f"training step (forward, backward, AdamW), {TOKENS_PER_STEP} tokens per step, "
           f"{torch.get_num_threads()} threads, WKV {wkv_impl_used()!r}; tok/s: best of "
           f"{REPEATS} (median)")
-    print(f"{'shape':>7} {'ctx':>5} {'mode':>9} | {'RWKV tok/s':>16} | {'GPT tok/s':>16} | "
+    print(f"{'shape':>7} {'ctx':>5} {'mode':>13} | {'RWKV tok/s':>16} | {'GPT tok/s':>16} | "
           f"{'RWKV/GPT':>8} {'target':>7} | first step s (RWKV, GPT)")
     for n_layer, n_embd, ctx in shapes:
         rates = measure(n_layer, n_embd, ctx, modes)
-        for mode in modes:
+        for mode in (*modes, NO_OPS) if "eager" in modes else modes:
             r, g = rates["rwkv", mode], rates["gpt", mode]
             target = TARGET_RATIO.get(ctx) if n_embd == 128 else 1.0
-            print(f"{n_layer}x{n_embd:<5} {ctx:>5} {mode:>9} | {r[0]:>7,.0f} ({r[1]:>6,.0f}) | "
+            print(f"{n_layer}x{n_embd:<5} {ctx:>5} {mode:>13} | {r[0]:>7,.0f} ({r[1]:>6,.0f}) | "
                   f"{g[0]:>7,.0f} ({g[1]:>6,.0f}) | {r[0] / g[0]:>7.2f}x {target:>6.1f}x | "
                   f"{r[2]:.1f}, {g[2]:.1f}", flush=True)
 

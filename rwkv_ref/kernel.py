@@ -53,6 +53,7 @@ _SOURCES = {
     "cpp": ("wkv_scan.h", "wkv_bind.h", "wkv_cpu.cpp"),
     "cuda": ("wkv_scan.h", "wkv_bind.h", "wkv_cuda.cu", "wkv_cuda_bind.cpp"),
     "rnn": ("wkv_scan.h", "rnn_cpu.cpp"),
+    "ops": ("ops_cpu.cpp",),
 }
 # No -march=native: the build cache may be shared by machines with different CPUs (a home
 # directory on a cluster), and a binary for the newest CPU dies of SIGILL on an older one.
@@ -247,8 +248,9 @@ def _run_check(check, device: torch.device) -> str | None:
 
 def disable(name: str, device: torch.device | str, problem: str) -> None:
     """Turn kernel ``name`` off on ``device`` for the process, with one warning saying why."""
-    fallback = ("RNN mode runs on PyTorch ops" if name == "rnn"
-                else "impl='auto' uses the pure PyTorch 'parallel' variant")
+    fallback = {"rnn": "RNN mode runs on PyTorch ops",
+                "ops": "the mixing blocks run on PyTorch ops"}.get(
+        name, "impl='auto' uses the pure PyTorch 'parallel' variant")
     reason = f"the {name} kernel {FAILED_CHECK} on {device} ({problem})"
     _verdicts[(name, str(torch.device(device)))] = reason
     warnings.warn(f"rwkv_ref: {reason}, so it is disabled for this process and {fallback} "

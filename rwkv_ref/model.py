@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rwkv_ref import kernel, sampling
+from rwkv_ref.ops import mix, mixes, relu_square  # noqa: F401 (mix: part of the model's math)
 from rwkv_ref.state import LayerState, RWKVState, WKVState, compute_dtype
 from rwkv_ref.tokenizer import check_token_ids
 from rwkv_ref.wkv import WKV_IMPLS, wkv, wkv_step
@@ -93,17 +94,6 @@ def token_shift(x: Tensor, last: Tensor) -> Tensor:
     return torch.cat([last.unsqueeze(1), x[:, :-1]], dim=1)
 
 
-def mix(x: Tensor, x_prev: Tensor, mu: Tensor) -> Tensor:
-    """Token-shift interpolation ``μ·x + (1-μ)·x_prev`` (a lerp from x_prev towards x).
-
-    Args:
-        x, x_prev: (..., C).  mu: C values in any shape, e.g. the stored (1, 1, C).
-    Returns:
-        (..., C).
-    """
-    return torch.lerp(x_prev, x, mu.reshape(-1))
-
-
 # ----------------------------------------------------------------------------- modules
 
 
@@ -147,9 +137,8 @@ class TimeMixing(nn.Module):
     def _rkv(self, x: Tensor, x_prev: Tensor):
         """Receptance, key and value of x (..., C): three (..., A) tensors, k and v in the
         WKV dtype."""
-        r = self.receptance(mix(x, x_prev, self.time_mix_r))
-        k = self.key(mix(x, x_prev, self.time_mix_k))
-        v = self.value(mix(x, x_prev, self.time_mix_v))
+        xr, xk, xv = mixes(x, x_prev, self.time_mix_r, self.time_mix_k, self.time_mix_v)
+        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         dtype = compute_dtype(x.dtype)
         return r, k.to(dtype), v.to(dtype)
 
@@ -194,9 +183,9 @@ class ChannelMixing(nn.Module):
 
     def forward(self, x: Tensor, x_prev: Tensor) -> Tensor:
         """Both modes. Args: x, x_prev (..., C). Returns: (..., C)."""
-        k = torch.relu(self.key(mix(x, x_prev, self.time_mix_k))).square()    # (..., F)
-        r = torch.sigmoid(self.receptance(mix(x, x_prev, self.time_mix_r)))   # (..., C)
-        return r * self.value(k)
+        xk, xr = mixes(x, x_prev, self.time_mix_k, self.time_mix_r)
+        k = relu_square(self.key(xk))                                         # (..., F)
+        return torch.sigmoid(self.receptance(xr)) * self.value(k)             # (..., C)
 
 
 class Block(nn.Module):
