@@ -11,6 +11,10 @@ of a token's time is matrix-vector products (``benchmarks/bench_decode.py``): ``
 (what ``rwkv_ref.model.Linear`` calls there), and ``block_step``, ``Block.step`` fused into
 one call. No autograd.
 
+The ``ops`` kernel (``kernels/ops_cpu.cpp``): the token-shift mixes and the squared ReLU of the
+mixing blocks, each one pass forward and one backward, for eager training on the CPU; its torch
+ops, autograd and self-check are in ``rwkv_ref/ops.py``.
+
 Each is a PyTorch custom operator (``torch.library``: ``rwkv_ref::wkv_forward``,
 ``wkv_backward``, ``rnn_linear``, ``rnn_block_step``) with a fake implementation for
 ``torch.compile`` and, for WKV, autograd through the backward op: a compiled training step runs
@@ -136,7 +140,7 @@ def _is_built(build_name: str) -> bool:
 
 
 def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
-    """None if kernel ``name`` ("cpp", "cuda" or "rnn") can be used now on ``device``, else why.
+    """None if kernel ``name`` ("cpp", "cuda", "rnn" or "ops") can be used now on ``device``, else why.
 
     The first call for a name builds (or loads) the extension; the first call for a name and
     a device (None: the CPU, or the current GPU for "cuda") then runs the kernel's self-check

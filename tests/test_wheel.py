@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from rwkv_ref import kernel
+
 REPO = Path(__file__).resolve().parents[1]
 
 CHECK = textwrap.dedent("""
@@ -42,7 +44,9 @@ def test_a_wheel_install_runs_both_kernels(tmp_path):
     (wheel,) = wheels.glob("rwkv_ref-*.whl")
     run(sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
         str(wheel))
-    assert (target / "rwkv_ref" / "kernels" / "wkv_scan.h").is_file()
+    shipped = {p.name for p in (target / "rwkv_ref" / "kernels").iterdir()}
+    sources = {f for files in kernel._SOURCES.values() for f in files}   # every kernel's
+    assert sources <= shipped, sources - shipped
     env = {**os.environ, "PYTHONPATH": str(target), "PYTHONNOUSERSITE": "1"}
     done = run(sys.executable, "-c", CHECK, str(target), cwd=tmp_path, env=env)
     assert "kernels ran from" in done.stdout
