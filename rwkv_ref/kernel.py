@@ -140,7 +140,8 @@ def _is_built(build_name: str) -> bool:
 
 
 def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
-    """None if kernel ``name`` ("cpp", "cuda", "rnn" or "ops") can be used now on ``device``, else why.
+    """None if kernel ``name`` ("cpp", "cuda", "rnn" or "ops") can be used now on ``device``,
+    else why.
 
     The first call for a name builds (or loads) the extension; the first call for a name and
     a device (None: the CPU, or the current GPU for "cuda") then runs the kernel's self-check

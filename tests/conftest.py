@@ -28,8 +28,7 @@ settings.register_profile("ci", max_examples=12, **_COMMON)
 settings.register_profile("thorough", max_examples=250, **_COMMON)
 settings.load_profile("ci")
 
-WORKER = os.environ.get("PYTEST_XDIST_WORKER")      # set in an xdist worker
-WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))   # set in xdist workers
 THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
 os.environ["OMP_NUM_THREADS"] = str(THREADS)   # inherited by subprocesses and notebook kernels
 torch.set_num_threads(THREADS)
