@@ -469,3 +469,31 @@ def test_a_wrong_kernel_is_disabled_with_one_warning(monkeypatch, function, whic
     torch.testing.assert_close(y_again, y)
     with pytest.raises(RuntimeError, match="self-check"):
         rwkv_ref.wkv(w, u, k, v, impl="cpp")
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """make test runs one thread per pytest worker: this test puts the kernel's threads back
+    to work (jobs handed out from a shared counter) on an input big enough to be split, and
+    holds the result to the single-threaded one, bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    B, T, C = 4, 256, 70                                  # 4 rows x (2 blocks + 6 channels)
+    w, u = torch.rand(C, generator=g) + 0.1, torch.randn(C, generator=g)
+    k, v = torch.randn(B, T, C, generator=g), torch.randn(B, T, C, generator=g)
+    gy = torch.randn(B, T, C, generator=g)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (w, u, k, v)]
+        y, state = rwkv_ref.wkv(*leaves, impl="cpp")
+        grads = torch.autograd.grad((y * gy).sum() + state.a.sum(), leaves)
+        return [y, *state, *grads]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)

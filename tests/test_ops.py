@@ -138,3 +138,31 @@ def test_the_training_benchmark_times_rwkv_with_and_without_the_fused_ops(capsys
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("1x8")]
     assert [row.split("|")[0].split()[-1] for row in rows] == ["eager", "ops"], rows
     assert ops.OPS_KERNEL                              # switched back on after the bench
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """make test runs one thread per pytest worker: here the ops run on two threads (their
+    rows split into chunks) against one, bit for bit; the mu gradient is summed per chunk, and
+    the chunks do not depend on the thread count."""
+    g = torch.Generator().manual_seed(4)
+    x, x_prev = (torch.randn(16, 64, 70, generator=g) for _ in range(2))   # 2 chunks
+    mus = [torch.rand(1, 1, 70, generator=g) for _ in range(3)]
+    weights = [torch.randn(16, 64, 70, generator=g) for _ in range(3)]
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x, x_prev, *mus)]
+        outs = ops.mixes(*leaves)
+        hidden = ops.relu_square(outs[0])
+        loss = sum((o * w).sum() for o, w in zip(outs, weights)) + (hidden * weights[1]).sum()
+        return [*outs, hidden, *torch.autograd.grad(loss, leaves)]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
