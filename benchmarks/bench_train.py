@@ -88,7 +88,7 @@ class Trainer:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One training step; returns its seconds."""
-        ops.OPS_KERNEL = self.fused_ops
+        was, ops.OPS_KERNEL = ops.OPS_KERNEL, self.fused_ops
         try:
             start = time.perf_counter()
             self.loss(self.model, x, y)
@@ -96,7 +96,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return time.perf_counter() - start
         finally:
-            ops.OPS_KERNEL = True
+            ops.OPS_KERNEL = was
 
 
 def measure(n_layer: int, n_embd: int, ctx: int, modes=("eager", "compiled")) -> dict:

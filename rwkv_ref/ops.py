@@ -92,8 +92,7 @@ def _(x, x_prev, mu):
 def _mixes_backward(x: Tensor, x_prev: Tensor, mu: Tensor,
                     grads: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """gx, gx_prev, gmu (M, C) given the gradients of the M outputs."""
-    gx, gx_prev, gmu = kernel.extension("ops").mixes_backward(x, x_prev, mu, grads)
-    return gx, gx_prev, gmu
+    return tuple(kernel.extension("ops").mixes_backward(x, x_prev, mu, grads))
 
 
 @_mixes_backward.register_fake

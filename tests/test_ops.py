@@ -10,7 +10,7 @@ from rwkv_ref import RWKVConfig, kernel, ops
 from rwkv_ref.testing import random_model
 
 from strategies import channels, grid
-from test_kernel import require_kernel
+from test_kernel import assert_same_on_one_and_two_threads, require_kernel
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -156,13 +156,4 @@ def test_results_do_not_depend_on_the_thread_count():
         loss = sum((o * w).sum() for o, w in zip(outs, weights)) + (hidden * weights[1]).sum()
         return [*outs, hidden, *torch.autograd.grad(loss, leaves)]
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(2)
-        two = run()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(one, two):
-        assert torch.equal(a, b)
+    assert_same_on_one_and_two_threads(run)
