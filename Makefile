@@ -46,8 +46,9 @@ run: $(STAMP)
 	$(PY) -m rwkv_ref.generate --checkpoint=out/cpu/ckpt.pt --prompt="ROMEO:" --max_new_tokens=500
 
 # The suite and the chapters (nbval), the grader on the chapters themselves (every exercise
-# must pass) and on a fresh student edition (every exercise must be a stub: tests/test_course.py),
-# in two processes (pytest-xdist; a notebook's cells stay together in one).
+# must pass: tests/test_course.py) and on a fresh student edition (every exercise must be a
+# stub: tests/test_student.py), in two processes (pytest-xdist; a notebook's cells stay
+# together in one).
 PYTEST_JOBS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -n $(PYTEST_JOBS) --dist loadfile --nbval-lax tests notebooks

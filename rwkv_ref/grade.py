@@ -9,7 +9,11 @@ cell headed ``# EXERCISE <name>:``) is checked: the function of that name define
 notebook is compared with the package on random inputs drawn by hypothesis
 (``rwkv_ref.grading.exercises`` says how, per exercise). One line per exercise: passed,
 FAILED (with the smallest failing input, the expected and the got), not yet implemented,
-missing, or error. Exit status 0 when every exercise passes (with ``--expect-stubs``: when
+missing, or error. Execution stops after the last cell that defines an exercise (its
+``# EXERCISE`` cell, or a later ``def``/``class``/assignment of its name): later cells cannot
+change what is graded, so a chapter is graded without running its remaining demonstrations.
+(A function that reads a global first set in a later cell would fail here; in a notebook run
+top to bottom it would too, when called where it is defined.) Exit status 0 when every exercise passes (with ``--expect-stubs``: when
 every one is not yet implemented, as in an untouched student edition), 1 otherwise, 2 for bad
 input. A notebook without exercises is not run. The hypothesis seed is printed; ``--seed``
 reruns the same inputs. Grading runs the notebook's code in this process: grade only
@@ -81,8 +85,9 @@ def _shell():
 _SHELL_CLASS = None
 
 
-def execute(cells: list[Cell], directory: Path):
-    """Run every code cell in one fresh namespace, from ``directory``.
+def execute(cells: list[Cell], directory: Path, stop: int | None = None):
+    """Run the code cells (up to index ``stop``, included; all if None) in one fresh
+    namespace, from ``directory``.
 
     Output is swallowed; an exception in a cell is recorded and the next cell runs.
     Returns:
@@ -94,6 +99,8 @@ def execute(cells: list[Cell], directory: Path):
         os.chdir(directory)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             for index, cell in enumerate(cells):
+                if stop is not None and index > stop:
+                    break
                 if cell.cell_type != "code":
                     continue
                 ran += 1
@@ -129,8 +136,27 @@ def exercise_names(path: Path, cells: list[Cell]) -> list[str]:
     return names
 
 
+def last_defining_cell(cells: list[Cell], names: list[str]) -> int | None:
+    """The index of the last code cell that defines one of ``names`` (an ``# EXERCISE <name>``
+    header, or ``def``/``class``/``=`` of the name at the start of a line): the grader need run
+    no further. None (run everything) when some name has no such cell: it may be defined in a
+    way this does not see, and running every cell is the safe answer."""
+    last = {}
+    for index, cell in enumerate(cells):
+        if cell.cell_type != "code":
+            continue
+        header = EXERCISE.match(cell.source.split("\n")[0].strip())
+        for name in names:
+            defines = re.compile(rf"^(?:(?:async\s+)?def\s+{name}\b|class\s+{name}\b"
+                                 rf"|{name}\s*(?::[^=\n]*)?=(?!=))", re.MULTILINE)
+            if (header is not None and header.group(1) == name) or defines.search(cell.source):
+                last[name] = index
+    return max(last.values()) if len(last) == len(names) else None
+
+
 def grade_notebook(path: Path, cells: list[Cell], seed: int, examples: int):
-    """Execute one notebook and check its exercises (a notebook without any is not run).
+    """Execute one notebook, up to the last cell that defines an exercise, and check its
+    exercises (a notebook without any is not run).
 
     Returns:
         (code cells run, list of ``CellError``, list of ``Verdict``).
@@ -141,7 +167,8 @@ def grade_notebook(path: Path, cells: list[Cell], seed: int, examples: int):
     names = exercise_names(path, cells)
     if not names:
         return 0, [], []
-    namespace, ran, errors = execute(cells, path.resolve().parent)
+    namespace, ran, errors = execute(cells, path.resolve().parent,
+                                     stop=last_defining_cell(cells, names))
     verdicts = []
     for name in names:
         fn = namespace.get(name)

@@ -24,7 +24,8 @@ Nothing is compiled when ``rwkv_ref`` is imported: the first ``unavailable_reaso
 ``wkv_kernel(name, ...)`` builds the extension with ``torch.utils.cpp_extension.load`` into
 torch's extension cache (``TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``). The
 extension's name carries a hash of the sources and flags, so an edited kernel is rebuilt and
-never confused with an old build. A failed build is remembered and explained, not raised. The
+never confused with an old build; it compiles copies of the sources kept in its build folder,
+so every install of one version (a checkout, a wheel) shares one build. A failed build is remembered and explained, not raised. The
 first use on a device then checks the kernel against its reference (``register_check``); a
 kernel that fails is disabled for the process with one warning.
 """
@@ -117,15 +118,39 @@ def _build(name: str):
     """Compile (or load from the cache) the extension for ``name``; raises on failure."""
     from torch.utils import cpp_extension
 
-    sources = [str(KERNELS_DIR / f) for f in _SOURCES[name] if not f.endswith(".h")]
-    cuda = name == "cuda"
-    if not _is_built(_build_name(name)):       # a wait of half a minute deserves a word
+    build_name, cuda = _build_name(name), name == "cuda"
+    if not _is_built(build_name):       # a wait of half a minute deserves a word
         print(f"rwkv_ref: compiling the {name} kernel (once per version of its sources; "
               "about 30 s)", file=sys.stderr, flush=True)
+    folder = _stage_sources(name, build_name)
+    sources = [str(folder / f) for f in _SOURCES[name] if not f.endswith(".h")]
     return cpp_extension.load(
-        name=_build_name(name), sources=sources, extra_cflags=["-O3"] if cuda else list(_CFLAGS),
+        name=build_name, sources=sources, extra_cflags=["-O3"] if cuda else list(_CFLAGS),
         extra_ldflags=[] if cuda else list(_LDFLAGS), extra_cuda_cflags=list(_CUDA_FLAGS),
-        extra_include_paths=[str(KERNELS_DIR)], with_cuda=cuda, verbose=False)
+        extra_include_paths=[str(folder)], with_cuda=cuda, verbose=False)
+
+
+def _stage_sources(name: str, build_name: str) -> Path:
+    """Copy the kernel's sources into ``src/`` of its build folder, and compile those.
+
+    The build then names the same files wherever rwkv_ref is installed (a checkout, a wheel in
+    a virtualenv, site-packages): installs that share the extension cache share the build,
+    instead of each rewriting its build.ninja with their own paths and recompiling. The folder's
+    name carries the sources' hash, so a file already there is these bytes: it is kept (a fresh
+    copy would be newer than the objects, and ninja would rebuild); a missing one is written
+    atomically (processes may build at once).
+    """
+    from torch.utils import cpp_extension
+
+    folder = Path(cpp_extension._get_build_directory(build_name, verbose=False)) / "src"
+    folder.mkdir(exist_ok=True)
+    for file in _SOURCES[name]:
+        target = folder / file
+        if not target.is_file():
+            temporary = folder / f".{file}.{os.getpid()}.tmp"
+            shutil.copyfile(KERNELS_DIR / file, temporary)
+            os.replace(temporary, target)
+    return folder
 
 
 def _is_built(build_name: str) -> bool:

@@ -71,8 +71,8 @@ def pytest_report_header(config):
 
 # Files that take a minute or more, started first so that no worker is left with one at the
 # end while the other idles (xdist hands out whole files in collection order).
-LONG_FILES = ("test_wheel.py", "test_course.py", "08_full_model.ipynb", "06_kernel.ipynb",
-              "10_inference.ipynb")
+LONG_FILES = ("test_gpu_check.py", "test_student.py", "test_course.py", "10_inference.ipynb",
+              "test_ddp.py", "08_full_model.ipynb", "06_kernel.ipynb")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -115,6 +115,29 @@ def test_failing_cells_are_recorded_and_the_rest_still_runs(tmp_path, capsys):
     assert "passed" in status_line(out, "merge")
 
 
+def test_cells_after_the_last_definition_are_not_run(tmp_path, capsys):
+    broken = solution("merge").replace("    top = ", "    raise ValueError('the first one')\n"
+                                                     "    top = ", 1)
+    after = "raise RuntimeError('ran past the last exercise')"
+    path = write_notebook(tmp_path / "nb.ipynb", [solution("merge"), after])
+    code, out = run_grade(capsys, path)
+    assert code == 0 and "1 code cells run, 0 raised" in out, out
+    # a later cell that redefines the exercise is run, and graded: here the broken one wins
+    path = write_notebook(tmp_path / "nb.ipynb", [solution("merge"), "x = 1", broken, after])
+    code, out = run_grade(capsys, path)
+    assert code == 1 and "3 code cells run, 0 raised" in out, out
+    assert "raised ValueError: the first one" in out
+    # a name assigned rather than defined counts too
+    path = write_notebook(tmp_path / "nb.ipynb", [solution("merge"), "x = 1",
+                                                  "good = merge\nmerge = good", after])
+    code, out = run_grade(capsys, path)
+    assert code == 0 and "3 code cells run, 0 raised" in out, out
+    # an exercise defined nowhere visible (chapter 4 also has wkv_step): every cell runs
+    path = write_notebook(tmp_path / "04_rnn.ipynb", [solution("merge"), after])
+    code, out = run_grade(capsys, path)
+    assert code == 1 and "2 code cells run, 1 raised" in out, out
+
+
 def test_other_exceptions_are_errors_with_their_message(tmp_path, capsys):
     source = solution("merge").replace("    top = ", "    if x.a.shape[0] > 1:\n"
                                                      "        raise ValueError('no batches')\n"

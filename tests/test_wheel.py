@@ -1,24 +1,33 @@
-"""A wheel built from the repository carries the kernel sources, and both compiled kernels run
-from an install outside the checkout (as after ``pip install rwkv_ref`` or ``pip install
-git+...``)."""
+"""A wheel built from the repository carries the kernel sources, and every CPU kernel runs from
+an install outside the checkout (as after ``pip install rwkv_ref`` or ``pip install git+...``).
+
+Two ways: sharing the checkout's extension cache, where the install must reuse the checkout's
+builds (a build compiles copies of the sources kept in its cache folder, so it does not depend
+on where rwkv_ref is installed); and, with ``--run-slow``, from an empty cache, where the
+install compiles every kernel from its own files.
+"""
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+from torch.utils import cpp_extension
+
 from rwkv_ref import kernel
 
 REPO = Path(__file__).resolve().parents[1]
+CPU_KERNELS = ("cpp", "rnn", "ops")
 
 CHECK = textwrap.dedent("""
     import sys, torch, torch.nn.functional as F
     import rwkv_ref
-    from rwkv_ref import kernel
+    from rwkv_ref import kernel, ops
     target = sys.argv[1]
     assert rwkv_ref.__file__.startswith(target), rwkv_ref.__file__
     assert str(kernel.KERNELS_DIR).startswith(target), kernel.KERNELS_DIR
-    for name in ("cpp", "rnn"):
+    for name in ("cpp", "rnn", "ops"):    # each built (or loaded) and its self-check passed
         assert kernel.unavailable_reason(name) is None, kernel.unavailable_reason(name)
     g = torch.Generator().manual_seed(0)
     w, u = torch.rand(40, generator=g) + 0.1, torch.randn(40, generator=g)
@@ -27,6 +36,8 @@ CHECK = textwrap.dedent("""
     torch.testing.assert_close(y, rwkv_ref.wkv(w, u, k, v, impl="logspace")[0])
     x, W = torch.randn(3, 40, generator=g), torch.randn(24, 40, generator=g)
     torch.testing.assert_close(kernel.matvec(x, W), F.linear(x, W), rtol=1e-5, atol=1e-5)
+    h = torch.randn(2, 9, 40, generator=g, requires_grad=True)
+    torch.testing.assert_close(ops.relu_square(h), torch.relu(h).square())
     print("kernels ran from", kernel.KERNELS_DIR)
 """)
 
@@ -37,7 +48,7 @@ def run(*args, **kwargs):
     return done
 
 
-def test_a_wheel_install_runs_both_kernels(tmp_path):
+def install_wheel(tmp_path: Path) -> Path:
     wheels, target = tmp_path / "wheels", tmp_path / "site"
     run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
         "--wheel-dir", str(wheels), str(REPO))
@@ -47,6 +58,36 @@ def test_a_wheel_install_runs_both_kernels(tmp_path):
     shipped = {p.name for p in (target / "rwkv_ref" / "kernels").iterdir()}
     sources = {f for files in kernel._SOURCES.values() for f in files}   # every kernel's
     assert sources <= shipped, sources - shipped
-    env = {**os.environ, "PYTHONPATH": str(target), "PYTHONNOUSERSITE": "1"}
+    return target
+
+
+def run_check(target: Path, tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(target), "PYTHONNOUSERSITE": "1", **env}
     done = run(sys.executable, "-c", CHECK, str(target), cwd=tmp_path, env=env)
     assert "kernels ran from" in done.stdout
+    return done
+
+
+def build_files(name: str) -> dict[str, int]:
+    """The build folder's compiled files (objects and the library), with their mtimes."""
+    folder = Path(cpp_extension._get_build_directory(kernel._build_name(name), verbose=False))
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()
+            if p.suffix in (".o", ".so")}
+
+
+def test_a_wheel_install_shares_the_checkouts_kernel_builds(tmp_path):
+    for name in CPU_KERNELS:           # built (or loaded) from the checkout, in this process
+        assert kernel.unavailable_reason(name) is None, kernel.unavailable_reason(name)
+    before = {name: build_files(name) for name in CPU_KERNELS}
+    assert all(any(f.endswith(".so") for f in files) for files in before.values()), before
+    done = run_check(install_wheel(tmp_path), tmp_path)
+    assert "compiling" not in done.stderr, done.stderr
+    assert {name: build_files(name) for name in CPU_KERNELS} == before   # nothing recompiled
+
+
+@pytest.mark.slow
+def test_a_wheel_install_builds_every_kernel_from_its_own_files(tmp_path):
+    done = run_check(install_wheel(tmp_path), tmp_path,
+                     TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"))
+    for name in CPU_KERNELS:
+        assert f"compiling the {name} kernel" in done.stderr, done.stderr
