@@ -39,13 +39,16 @@ DESIGN_SECTIONS = {
     "design-data": "Data",
     "design-reference-figures": "Reference figures",
 }
-# NOTATION.md: the first code cell of every chapter, so that a chapter runs in Colab.
-SETUP_CELL = '''\
+# NOTATION.md: the first code cell of every chapter, so that a chapter runs in Colab. It installs
+# from the repository that pyproject.toml names.
+REPOSITORY = re.search(r'^Repository = "(.+)"$', (ROOT / "pyproject.toml").read_text(),
+                       re.MULTILINE).group(1)
+SETUP_CELL = f'''\
 # Setup: where rwkv_ref is not installed (Colab, say), install it from its repository.
 import importlib.util, subprocess, sys
 if importlib.util.find_spec("rwkv_ref") is None:
     subprocess.check_call([sys.executable, "-m", "pip", "install", "-q",
-                           "rwkv_ref[notebooks] @ git+https://github.com/rwkv-ref/rwkv_ref"])'''
+                           "rwkv_ref[notebooks] @ git+{REPOSITORY}"])'''
 
 
 def chapters() -> list[Path]:
