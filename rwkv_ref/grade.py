@@ -13,9 +13,9 @@ missing, or error. Execution stops after the last cell that defines an exercise 
 ``# EXERCISE`` cell, or a later ``def``/``class``/assignment of its name): later cells cannot
 change what is graded, so a chapter is graded without running its remaining demonstrations.
 (A function that reads a global first set in a later cell would fail here; in a notebook run
-top to bottom it would too, when called where it is defined.) Exit status 0 when every exercise passes (with ``--expect-stubs``: when
-every one is not yet implemented, as in an untouched student edition), 1 otherwise, 2 for bad
-input. A notebook without exercises is not run. The hypothesis seed is printed; ``--seed``
+top to bottom it would too, when called where it is defined.) Exit status 0 when every
+exercise passes (with ``--expect-stubs``: when every one is not yet implemented, as in an
+untouched student edition), 1 otherwise, 2 for bad input. A notebook without exercises is not run. The hypothesis seed is printed; ``--seed``
 reruns the same inputs. Grading runs the notebook's code in this process: grade only
 notebooks you trust.
 """
@@ -129,11 +129,18 @@ def exercise_names(path: Path, cells: list[Cell]) -> list[str]:
     names = [name for name, ex in EXERCISES.items()
              if chapter is not None and ex.chapter == int(chapter.group(1))]
     for cell in cells:
-        header = EXERCISE.match(cell.source.split("\n")[0].strip()) \
-            if cell.cell_type == "code" else None
-        if header is not None and header.group(1) not in names:
-            names.append(header.group(1))
+        header = _header(cell)
+        if header is not None and header not in names:
+            names.append(header)
     return names
+
+
+def _header(cell: Cell) -> str | None:
+    """The exercise named by a code cell's ``# EXERCISE <name>:`` first line, else None."""
+    if cell.cell_type != "code":
+        return None
+    header = EXERCISE.match(cell.source.split("\n")[0].strip())
+    return None if header is None else header.group(1)
 
 
 def last_defining_cell(cells: list[Cell], names: list[str]) -> int | None:
@@ -141,15 +148,16 @@ def last_defining_cell(cells: list[Cell], names: list[str]) -> int | None:
     header, or ``def``/``class``/``=`` of the name at the start of a line): the grader need run
     no further. None (run everything) when some name has no such cell: it may be defined in a
     way this does not see, and running every cell is the safe answer."""
+    defines = {name: re.compile(rf"^(?:(?:async\s+)?def\s+{name}\b|class\s+{name}\b"
+                                rf"|{name}\s*(?::[^=\n]*)?=(?!=))", re.MULTILINE)
+               for name in names}
     last = {}
     for index, cell in enumerate(cells):
         if cell.cell_type != "code":
             continue
-        header = EXERCISE.match(cell.source.split("\n")[0].strip())
+        header = _header(cell)
         for name in names:
-            defines = re.compile(rf"^(?:(?:async\s+)?def\s+{name}\b|class\s+{name}\b"
-                                 rf"|{name}\s*(?::[^=\n]*)?=(?!=))", re.MULTILINE)
-            if (header is not None and header.group(1) == name) or defines.search(cell.source):
+            if header == name or defines[name].search(cell.source):
                 last[name] = index
     return max(last.values()) if len(last) == len(names) else None
 

@@ -25,9 +25,10 @@ Nothing is compiled when ``rwkv_ref`` is imported: the first ``unavailable_reaso
 torch's extension cache (``TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``). The
 extension's name carries a hash of the sources and flags, so an edited kernel is rebuilt and
 never confused with an old build; it compiles copies of the sources kept in its build folder,
-so every install of one version (a checkout, a wheel) shares one build. A failed build is remembered and explained, not raised. The
-first use on a device then checks the kernel against its reference (``register_check``); a
-kernel that fails is disabled for the process with one warning.
+so every install of one version (a checkout, a wheel) shares one build. A failed build is
+remembered and explained, not raised. The first use on a device then checks the kernel against
+its reference (``register_check``); a kernel that fails is disabled for the process with one
+warning.
 """
 from __future__ import annotations
 
@@ -140,9 +141,7 @@ def _stage_sources(name: str, build_name: str) -> Path:
     copy would be newer than the objects, and ninja would rebuild); a missing one is written
     atomically (processes may build at once).
     """
-    from torch.utils import cpp_extension
-
-    folder = Path(cpp_extension._get_build_directory(build_name, verbose=False)) / "src"
+    folder = build_directory(build_name) / "src"
     folder.mkdir(exist_ok=True)
     for file in _SOURCES[name]:
         target = folder / file
@@ -153,15 +152,21 @@ def _stage_sources(name: str, build_name: str) -> Path:
     return folder
 
 
-def _is_built(build_name: str) -> bool:
-    """Whether torch's extension cache already holds a build of that name (best effort)."""
+def build_directory(build_name: str) -> Path:
+    """The folder of torch's extension cache that holds the build ``build_name`` (created if
+    missing; a private helper of torch's, so that the cache's layout is torch's own)."""
     from torch.utils import cpp_extension
 
+    return Path(cpp_extension._get_build_directory(build_name, verbose=False))
+
+
+def _is_built(build_name: str) -> bool:
+    """Whether torch's extension cache already holds a build of that name (best effort)."""
     try:
-        folder = cpp_extension._get_build_directory(build_name, verbose=False)
+        folder = build_directory(build_name)
     except Exception:  # noqa: BLE001 - a private helper of torch's; assume not built
         return False
-    return os.path.exists(os.path.join(folder, f"{build_name}.so"))
+    return (folder / f"{build_name}.so").exists()
 
 
 def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:

@@ -1,8 +1,6 @@
 """The student edition (python -m rwkv_ref.student): stubs in place of solution regions,
 outputs stripped, no solutions copied, and one-line refusals of broken markers; and, as CI
 checks it, the grader on a fresh edition of the real chapters finds every exercise a stub."""
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
@@ -10,8 +8,9 @@ import pytest
 
 from rwkv_ref.student import main, stub_cell
 
-ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = ROOT / "notebooks"
+from test_course import CHAPTERS, run
+
+NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 
 CELL = '''\
 # EXERCISE merge: add two scaled states
@@ -146,14 +145,10 @@ def test_the_real_chapters_make_a_student_edition(tmp_path):
 
 def test_every_exercise_of_a_fresh_student_edition_is_a_stub(tmp_path):
     """The commands a teacher and a student run, as subprocesses (a failure shows the table)."""
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", *args], check=False, cwd=ROOT,
-                              capture_output=True, text=True, timeout=900)
-
     made = run("rwkv_ref.student", "--out", str(tmp_path))
     assert made.returncode == 0, made.stdout + made.stderr
     edition = sorted(tmp_path.glob("[0-9][0-9]_*.ipynb"))
-    assert [p.name for p in edition] == sorted(p.name for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    assert [p.name for p in edition] == [p.name for p in CHAPTERS]
     result = run("rwkv_ref.grade", "--expect-stubs", *map(str, edition))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "every exercise is not yet implemented" in result.stdout, result.stdout

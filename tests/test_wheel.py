@@ -13,7 +13,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from torch.utils import cpp_extension
 
 from rwkv_ref import kernel
 
@@ -70,7 +69,7 @@ def run_check(target: Path, tmp_path: Path, **env) -> subprocess.CompletedProces
 
 def build_files(name: str) -> dict[str, int]:
     """The build folder's compiled files (objects and the library), with their mtimes."""
-    folder = Path(cpp_extension._get_build_directory(kernel._build_name(name), verbose=False))
+    folder = kernel.build_directory(kernel._build_name(name))
     return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()
             if p.suffix in (".o", ".so")}
 
