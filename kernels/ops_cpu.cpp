@@ -16,7 +16,7 @@
 // run on at::parallel_for's threads; the inner loop over channels is a SIMD loop, compiled for
 // several instruction sets as in wkv_cpu.cpp. gmu is summed per chunk and the chunks' sums
 // added at the end, so the result does not depend on the number of threads.
-#include <torch/extension.h>
+#include "torch_op.h"
 
 #include <ATen/Parallel.h>
 
@@ -221,9 +221,12 @@ at::Tensor relu_square_backward(at::Tensor x, at::Tensor g) {
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("mixes", &mixes, "[lerp(x_prev, x, mu[m]) for m]: x, x_prev (..., C), mu (M, C)");
-  m.def("mixes_backward", &mixes_backward, "(x, x_prev, mu, [g_m]) -> [gx, gx_prev, gmu]");
-  m.def("relu_square", &relu_square, "max(x, 0)^2");
-  m.def("relu_square_backward", &relu_square_backward, "(x, g) -> 2 g max(x, 0)");
+// torch.ops.<build>.mixes(x, x_prev, mu) -> [lerp(x_prev, x, mu[m]) for m]: x, x_prev (..., C),
+// mu (M, C); mixes_backward(x, x_prev, mu, [g_m]) -> [gx, gx_prev, gmu]; relu_square(x) ->
+// max(x, 0)^2; relu_square_backward(x, g) -> 2 g max(x, 0).
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("mixes", &mixes);
+  m.def("mixes_backward", &mixes_backward);
+  m.def("relu_square", &relu_square);
+  m.def("relu_square_backward", &relu_square_backward);
 }

@@ -28,7 +28,7 @@
 // below), in float32, calling linear's row loop for the seven products and the WKV scan's
 // forward (wkv_scan.h) for the WKV update. The tests hold it to Block.step; the Python code
 // stays the definition.
-#include <torch/extension.h>
+#include "torch_op.h"
 
 #include <ATen/Parallel.h>
 
@@ -289,10 +289,15 @@ std::vector<at::Tensor> block_step(const at::Tensor& x_in, const at::Tensor& att
   return {x_out, xa_out, a_out, b_out, p_out, xf_out};
 }
 
+int64_t max_batch() { return kMaxBatch; }
+
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "x (B, K) float32 @ w (N, K)^T -> (B, N) float32, B <= 16");
-  m.def("block_step", &block_step, "one token through one block (Block.step), float32");
-  m.attr("max_batch") = kMaxBatch;
+// torch.ops.<build>.linear(x, w): x (B, K) float32 @ w (N, K)^T -> (B, N) float32, B <= 16;
+// block_step(...): one token through one block (Block.step), float32; max_batch(): the most
+// rows one call takes (rwkv_ref.kernel.RNN_MAX_BATCH, checked by the tests).
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear);
+  m.def("block_step", &block_step);
+  m.def("max_batch", &max_batch);
 }

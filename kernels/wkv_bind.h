@@ -2,7 +2,7 @@
 // the checks on the tensors handed over by rwkv_ref/kernel.py, and raw data pointers.
 #pragma once
 
-#include <torch/extension.h>
+#include "torch_op.h"
 
 #include <cstdint>
 #include <limits>

@@ -13,8 +13,6 @@
 // for x86-64-v4 (AVX-512), x86-64-v3 (AVX2, FMA) and baseline x86-64, and the loader picks
 // the best one the running CPU has (GCC function multi-versioning through glibc's ifunc).
 // Other compilers and architectures get one build for the compiler's default target.
-#include <torch/extension.h>
-
 #include "wkv_bind.h"
 
 #include <ATen/Parallel.h>
@@ -166,9 +164,9 @@ std::vector<at::Tensor> backward(at::Tensor w, at::Tensor u, at::Tensor k, at::T
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "WKV forward: (w, u, k, v, a, b, p) -> [y, a, b, p]");
-  m.def("backward", &backward,
-        "WKV backward: (w, u, k, v, y, gy, a, b, p, ga, gb, gp) -> "
-        "[gw, gu, gk, gv, ga_in, gb_in, gp_in]");
+// torch.ops.<build>.forward(w, u, k, v, a, b, p) -> [y, a, b, p];
+// backward(w, u, k, v, y, gy, a, b, p, ga, gb, gp) -> [gw, gu, gk, gv, ga_in, gb_in, gp_in].
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward);
+  m.def("backward", &backward);
 }

@@ -1,7 +1,5 @@
 // wkv_cuda_bind.cpp: the torch side of the CUDA WKV kernel: checks, allocation, dtype
 // dispatch and the current stream; the kernels themselves are in wkv_cuda.cu (no torch there).
-#include <torch/extension.h>
-
 #include "wkv_bind.h"
 
 #include <c10/cuda/CUDAException.h>
@@ -85,9 +83,8 @@ std::vector<at::Tensor> backward(at::Tensor w, at::Tensor u, at::Tensor k, at::T
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "WKV forward (CUDA): (w, u, k, v, a, b, p) -> [y, a, b, p]");
-  m.def("backward", &backward,
-        "WKV backward (CUDA): (w, u, k, v, y, gy, a, b, p, ga, gb, gp) -> "
-        "[gw, gu, gk, gv, ga_in, gb_in, gp_in]");
+// torch.ops.<build>.forward and backward: the arguments and results of wkv_cpu.cpp's.
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward);
+  m.def("backward", &backward);
 }

@@ -56,10 +56,10 @@ def _kernels_dir() -> Path:
 
 KERNELS_DIR = _kernels_dir()
 _SOURCES = {
-    "cpp": ("wkv_scan.h", "wkv_bind.h", "wkv_cpu.cpp"),
-    "cuda": ("wkv_scan.h", "wkv_bind.h", "wkv_cuda.cu", "wkv_cuda_bind.cpp"),
-    "rnn": ("wkv_scan.h", "rnn_cpu.cpp"),
-    "ops": ("ops_cpu.cpp",),
+    "cpp": ("torch_op.h", "wkv_scan.h", "wkv_bind.h", "wkv_cpu.cpp"),
+    "cuda": ("torch_op.h", "wkv_scan.h", "wkv_bind.h", "wkv_cuda.cu", "wkv_cuda_bind.cpp"),
+    "rnn": ("torch_op.h", "wkv_scan.h", "rnn_cpu.cpp"),
+    "ops": ("torch_op.h", "ops_cpu.cpp"),
 }
 # No -march=native: the build cache may be shared by machines with different CPUs (a home
 # directory on a cluster), and a binary for the newest CPU dies of SIGILL on an older one.
@@ -73,7 +73,7 @@ _CFLAGS = ("-O3", "-fno-trapping-math", *_OPENMP)
 _LDFLAGS = _OPENMP
 _CUDA_FLAGS = ("-O3",)
 
-_modules: dict[str, object] = {}   # name -> loaded extension
+_modules: dict[str, object] = {}   # name -> its operators (torch.ops.<build name>)
 _reasons: dict[str, str] = {}      # name -> why it cannot be used (remembered)
 
 
@@ -116,7 +116,10 @@ def _missing_tool(name: str) -> str | None:
 
 
 def _build(name: str):
-    """Compile (or load from the cache) the extension for ``name``; raises on failure."""
+    """Compile (or load from the cache) the extension for ``name`` and load its operators;
+    raises on failure. The extension is a plain shared library that registers its functions
+    with torch's dispatcher (``TORCH_LIBRARY``, see kernels/torch_op.h), so its operators are
+    ``torch.ops.<build name>.<function>``."""
     from torch.utils import cpp_extension
 
     build_name, cuda = _build_name(name), name == "cuda"
@@ -125,10 +128,29 @@ def _build(name: str):
               "about 30 s)", file=sys.stderr, flush=True)
     folder = _stage_sources(name, build_name)
     sources = [str(folder / f) for f in _SOURCES[name] if not f.endswith(".h")]
-    return cpp_extension.load(
+    cpp_extension.load(
         name=build_name, sources=sources, extra_cflags=["-O3"] if cuda else list(_CFLAGS),
         extra_ldflags=[] if cuda else list(_LDFLAGS), extra_cuda_cflags=list(_CUDA_FLAGS),
-        extra_include_paths=[str(folder)], with_cuda=cuda, verbose=False)
+        extra_include_paths=[str(folder)], with_cuda=cuda, is_python_module=False,
+        verbose=False)
+    return _Operators(getattr(torch.ops, build_name))
+
+
+class _Operators:
+    """The operators of one built kernel (``torch.ops.<build name>``) as attributes of an
+    object of our own: a test may wrap or replace one here without changing torch.ops, which
+    torch.compile reads."""
+
+    def __init__(self, namespace):
+        self._namespace = namespace
+
+    def __getattr__(self, function: str):
+        operator = getattr(self._namespace, function)
+        setattr(self, function, operator)
+        return operator
+
+    def __repr__(self) -> str:
+        return f"<operators of {self._namespace.name}>"
 
 
 def _stage_sources(name: str, build_name: str) -> Path:
@@ -215,9 +237,10 @@ def missing_tool(name: str) -> str | None:
 
 
 def extension(name: str):
-    """The loaded extension module for kernel ``name``; RuntimeError saying why if unavailable.
+    """The operators of kernel ``name`` (``torch.ops.<build name>``); RuntimeError saying why
+    if unavailable.
 
-    Its functions take contiguous tensors of one float dtype: ``forward(w, u, k, v, a, b, p)
+    They take contiguous tensors of one float dtype: ``forward(w, u, k, v, a, b, p)
     -> [y, a, b, p]`` and ``backward(w, u, k, v, y, gy, a, b, p, ga, gb, gp) -> [gw, gu, gk,
     gv, ga_in, gb_in, gp_in]`` (w, u: (C,); k, v, y, gy: (B, T, C); states: (B, C)).
     """

@@ -405,6 +405,26 @@ def test_cuda_source_compiles(tmp_path):
     assert (tmp_path / "wkv_cuda.o").stat().st_size > 0
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: cannot compile "
+                    "kernels/wkv_cuda_bind.cpp (install the CUDA toolkit to run this check)")
+def test_cuda_binding_compiles_against_torchs_headers(tmp_path):
+    """kernels/wkv_cuda_bind.cpp (the CUDA kernel's torch side) passes the compiler with this
+    torch's headers, on a machine without a GPU or a CUDA build of torch (syntax only: nothing
+    is linked). A CPU build of torch ships the c10/cuda headers but not the one that its CMake
+    generates, so an empty stand-in is put on the include path."""
+    from torch.utils import cpp_extension
+
+    stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#pragma once\n")
+    includes = [f"-I{d}" for d in (*cpp_extension.include_paths(), tmp_path, KERNELS)]
+    out = subprocess.run([shutil.which("nvcc"), "-std=c++20", "-Xcompiler", "-fsyntax-only",
+                          "-c", str(KERNELS / "wkv_cuda_bind.cpp"), "-o", str(tmp_path / "x.o"),
+                          "-DTORCH_EXTENSION_NAME=rwkv_ref_cuda_check", *includes],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------- self-check
 
 

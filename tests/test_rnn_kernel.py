@@ -56,6 +56,11 @@ def test_matvec_rejects_bad_input():
         kernel.matvec(torch.randn(17, 4), torch.randn(3, 4))
 
 
+def test_python_knows_how_many_rows_the_kernel_takes():
+    """rnn_applies hands the kernel at most RNN_MAX_BATCH rows: the kernel's own limit."""
+    assert kernel.extension("rnn").max_batch() == kernel.RNN_MAX_BATCH
+
+
 def test_the_kernel_applies_only_to_inference_on_a_few_rows():
     w = torch.randn(6, 4)
     x = torch.randn(2, 4)
