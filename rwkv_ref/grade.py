@@ -15,8 +15,8 @@ change what is graded, so a chapter is graded without running its remaining demo
 (A function that reads a global first set in a later cell would fail here; in a notebook run
 top to bottom it would too, when called where it is defined.) Exit status 0 when every
 exercise passes (with ``--expect-stubs``: when every one is not yet implemented, as in an
-untouched student edition), 1 otherwise, 2 for bad input. A notebook without exercises is not run. The hypothesis seed is printed; ``--seed``
-reruns the same inputs. Grading runs the notebook's code in this process: grade only
+untouched student edition), 1 otherwise, 2 for bad input. A notebook without exercises is not
+run. The hypothesis seed is printed; ``--seed`` reruns the same inputs. Grading runs the notebook's code in this process: grade only
 notebooks you trust.
 """
 from __future__ import annotations
