@@ -226,8 +226,12 @@ def _build_reason(name: str) -> str | None:
 
 
 # torch.compile runs the function while tracing and keeps its answer as a constant, instead
-# of tracing into the build and the self-check (which would break the graph).
-unavailable_reason = torch.compiler.assume_constant_result(unavailable_reason)
+# of tracing into the build and the self-check (which would break the graph). This is what
+# torch.compiler.assume_constant_result(unavailable_reason) does, by setting this one
+# attribute; but it imports all of torch._dynamo to do it, 1.2 s, half of `import rwkv_ref`
+# and of every notebook's and command's start. tests/test_compile.py compiles with
+# fullgraph=True in a fresh process and fails if torch ever stops reading the attribute.
+unavailable_reason._dynamo_marked_constant = True
 
 
 def missing_tool(name: str) -> str | None:

@@ -5,6 +5,10 @@ kernels (counted by wrapping the extension's functions), and give eager's number
 
 The first test pays for inductor's C++ compilation (about 30 s on 2 cores).
 """
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -98,3 +102,34 @@ def test_compiled_model_still_rejects_bad_tokens_in_eager(impl):
     with pytest.raises(ValueError, match="token ids must lie in"):
         model(torch.full((2, 3), 9))                          # eager: the range check too
     assert kernel.unavailable_reason("cpp") is None or impl == "parallel"
+
+
+FRESH = textwrap.dedent("""
+    import sys
+    import rwkv_ref
+    assert "torch._dynamo" not in sys.modules, "import rwkv_ref imported torch._dynamo"
+    import torch
+    from rwkv_ref import RWKVConfig
+    from rwkv_ref.recipe import compute_loss
+    from rwkv_ref.testing import random_model
+    config = RWKVConfig(vocab_size=11, n_layer=2, n_embd=16, dim_att=8, dim_ffn=24,
+                        wkv_impl="auto")
+    model = random_model(config, seed=1)
+    x, y = (torch.randint(0, 11, (2, 9)) for _ in range(2))
+    loss = torch.compile(compute_loss, fullgraph=True, backend="eager")(model, x, y)
+    loss.backward()
+    print("ok", float(loss))
+""")
+
+
+def test_a_fresh_process_compiles_before_any_eager_call():
+    """``import rwkv_ref`` leaves dynamo unimported (it costs 1.2 s), and in a fresh process
+    whose first call is a fullgraph compile, the kernel's availability check (build and
+    self-check) is still kept as a constant rather than traced: kernel.py marks it so by hand,
+    and this fails if torch stops honouring the mark. The tests above warm the kernel eagerly
+    first, so they would not notice."""
+    require_kernel("cpp")
+    result = subprocess.run([sys.executable, "-c", FRESH], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("ok ")

@@ -265,7 +265,10 @@ def test_gradients_equal_autograd_through_logspace(shape, scale, seed, state_kin
 
 @pytest.mark.parametrize("B,T,C", [(2, 5, 3), (1, 18, 33)])
 def test_gradcheck_float64(B, T, C):
-    """Finite differences agree with the hand-derived backward (finite incoming state)."""
+    """Finite differences agree with the hand-derived backward (finite incoming state): the
+    whole Jacobian at the small shape; at the one that reaches the kernel's 32-channel SIMD
+    block and a tail, gradcheck's fast mode (the Jacobian between random vectors, a hundredth
+    of the time) at tolerances tight enough that one entry off by 0.1% fails it."""
     w, u, k, v, state = make_inputs(B, T, C, 1.5, 3, torch.float64, "arbitrary")
 
     def f(w, u, k, v, a, b, p):
@@ -273,7 +276,10 @@ def test_gradcheck_float64(B, T, C):
         return (y, *out)
 
     inputs = [x.clone().requires_grad_() for x in (w, u, k, v, *state)]
-    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+    if C > 8:
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-7, fast_mode=True)
+    else:
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 def test_gradients_float32_close_to_float64():

@@ -62,11 +62,14 @@ def test_mixes_and_relu_square_pass_gradcheck(shape):
                  for _ in range(2))
     mus = [torch.rand(1, 1, shape[-1], generator=g, dtype=torch.float64, requires_grad=True)
            for _ in range(3)]
-    assert torch.autograd.gradcheck(lambda *t: ops.mixes(*t), (x, x_prev, *mus))
-    assert torch.autograd.gradcheck(lambda *t: ops.mixes(*t), (x, x_prev, *mus[:2]))
+    # Past 64 elements, the Jacobian between random vectors (fast mode, a tenth of the time) at
+    # tolerances tight enough that one entry off by 0.1% fails it; below, the whole Jacobian.
+    tol = dict(fast_mode=True, atol=1e-8, rtol=1e-7) if x.numel() > 64 else {}
+    assert torch.autograd.gradcheck(lambda *t: ops.mixes(*t), (x, x_prev, *mus), **tol)
+    assert torch.autograd.gradcheck(lambda *t: ops.mixes(*t), (x, x_prev, *mus[:2]), **tol)
     # relu² has a kink at 0: keep the inputs away from it for the finite differences
     y = (x.detach().sign() * (0.1 + x.detach().abs())).requires_grad_()
-    assert torch.autograd.gradcheck(ops.relu_square, (y,))
+    assert torch.autograd.gradcheck(ops.relu_square, (y,), **tol)
 
 
 def test_relu_square_is_zero_below_zero_and_the_square_above():
