@@ -14,7 +14,13 @@ compiled, and the ``cpu`` preset's result against its targets.
    apart. RWKV's WKV is the fastest available (``auto``: the cpp kernel), and its mixing blocks
    run through the fused ``ops`` kernel (``rwkv_ref.ops``); the row "eager, no ops" is RWKV
    with them off (``ops.OPS_KERNEL = False``, the plain PyTorch lines), against the same GPT.
-   Targets (issue 9): RWKV >= 1.0x the GPT at every context, >= 1.2x at 4 x 128 from 256.
+   The process keeps freed memory for reuse, as training does
+   (``rwkv_ref.distributed.keep_freed_memory``); the minor page faults per step (median) are
+   printed beside the times. ``make bench`` first times 4 x 128 at context 64 with glibc's
+   default thresholds (the row "glibc default"), where RWKV takes thousands per step.
+   Then the matrix products of one layer of each model, forward and backward, timed alone:
+   what RWKV's 13 C^2 weights in 7 products cost against the GPT's 12 C^2 in 4.
+   Targets (README): RWKV >= 1.0x the GPT at every context, >= 1.2x at 4 x 128 from 256.
 2. The ``cpu`` preset as ``make run`` trained it: final validation loss and wall time from
    ``out/cpu/metrics.jsonl`` against the targets (at most 1.70 in at most 10 minutes) and
    nanoGPT's CPU reference (1.88). Nothing is retrained here; without the file it says so.
@@ -24,6 +30,7 @@ Prints figures only; asserts nothing about time.
 from __future__ import annotations
 
 import dataclasses
+import resource
 import statistics
 import sys
 import time
@@ -35,6 +42,7 @@ import torch.nn.functional as F
 from rwkv_ref import ops
 from rwkv_ref.compare import train_seconds
 from rwkv_ref.config import PRESETS, TrainConfig
+from rwkv_ref.distributed import keep_freed_memory
 from rwkv_ref.gpt import GPT, GPTConfig
 from rwkv_ref.model import RWKV, RWKVConfig
 from rwkv_ref.report import read_metrics
@@ -43,8 +51,9 @@ ROOT = Path(__file__).resolve().parent.parent
 METRICS = ROOT / "out" / "cpu" / "metrics.jsonl"
 TOKENS_PER_STEP = 4096
 SHAPES = ((4, 128, 64), (4, 128, 128), (4, 128, 256), (4, 128, 1024), (6, 384, 256))
-REPEATS = 5
+REPEATS = 10
 NO_OPS = "eager, no ops"     # RWKV without the fused mixing-block ops
+MALLOC_DEFAULT = "glibc default"   # eager, before keep_freed_memory
 VOCAB = 65                   # tiny-shakespeare's characters
 TARGET_RATIO = {64: 1.0, 128: 1.0, 256: 1.2, 1024: 1.2}   # RWKV / GPT, at 4 x 128
 TARGET_VAL_LOSS = 1.70
@@ -85,22 +94,27 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         self.loss = torch.compile(loss_of) if compiled else loss_of
         self.times: list[float] = []
+        self.faults: list[int] = []            # minor page faults of each timed step
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One training step; returns its seconds."""
+        """One training step; returns its seconds (and appends its page faults)."""
         was, ops.OPS_KERNEL = ops.OPS_KERNEL, self.fused_ops
         try:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             self.loss(self.model, x, y)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            return time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+            return seconds
         finally:
             ops.OPS_KERNEL = was
 
 
 def measure(n_layer: int, n_embd: int, ctx: int, modes=("eager", "compiled")) -> dict:
-    """{(model, mode): (best tok/s, median tok/s, first-step seconds)}: all alternated."""
+    """{(model, mode): (best tok/s, median tok/s, first-step seconds, median page faults per
+    step)}: all alternated."""
     batch = TOKENS_PER_STEP // ctx
     g = torch.Generator().manual_seed(1)
     x, y = (torch.randint(VOCAB, (batch, ctx), generator=g) for _ in range(2))   # (B, T)
@@ -114,28 +128,72 @@ def measure(n_layer: int, n_embd: int, ctx: int, modes=("eager", "compiled")) ->
         trainers["gpt", NO_OPS] = trainers["gpt", "eager"]
     unique = list({id(t): t for t in trainers.values()}.values())
     first = {key: t.step(x, y) for key, t in trainers.items()}   # warm-up, compilation
+    for t in unique:
+        t.faults.clear()
     for _ in range(REPEATS):
         for t in unique:
             t.times.append(t.step(x, y))
     return {key: (TOKENS_PER_STEP / min(t.times), TOKENS_PER_STEP / statistics.median(t.times),
-                  first[key]) for key, t in trainers.items()}
+                  first[key], round(statistics.median(t.faults)))
+            for key, t in trainers.items()}
 
 
-def throughput(shapes=SHAPES, modes=("eager", "compiled")) -> None:
-    """Print tokens/s of RWKV and the GPT per shape and mode, with the ratio and its target."""
+def throughput(shapes=SHAPES, modes=("eager", "compiled"), malloc_default=False) -> None:
+    """Print tokens/s of RWKV and the GPT per shape and mode, with the ratio and its target;
+    ``malloc_default``: first a row at 4 x 128, context 64, before keeping freed memory."""
+    before = measure(4, 128, 64, ("eager",)) if malloc_default else None
+    kept = keep_freed_memory()
     print(f"training step (forward, backward, AdamW), {TOKENS_PER_STEP} tokens per step, "
           f"{torch.get_num_threads()} threads, WKV {wkv_impl_used()!r}; tok/s: best of "
-          f"{REPEATS} (median)")
+          f"{REPEATS} (median); freed memory kept for reuse: {'yes' if kept else 'no'}")
     print(f"{'shape':>7} {'ctx':>5} {'mode':>13} | {'RWKV tok/s':>16} | {'GPT tok/s':>16} | "
-          f"{'RWKV/GPT':>8} {'target':>7} | first step s (RWKV, GPT)")
-    for n_layer, n_embd, ctx in shapes:
-        rates = measure(n_layer, n_embd, ctx, modes)
+          f"{'RWKV/GPT':>8} {'target':>7} | first step s | page faults/step")
+    if before:
+        print_row((4, 128, 64), MALLOC_DEFAULT, before["rwkv", "eager"], before["gpt", "eager"])
+    for shape in shapes:
+        rates = measure(*shape, modes)
         for mode in (*modes, NO_OPS) if "eager" in modes else modes:
-            r, g = rates["rwkv", mode], rates["gpt", mode]
-            target = TARGET_RATIO.get(ctx) if n_embd == 128 else 1.0
-            print(f"{n_layer}x{n_embd:<5} {ctx:>5} {mode:>13} | {r[0]:>7,.0f} ({r[1]:>6,.0f}) | "
-                  f"{g[0]:>7,.0f} ({g[1]:>6,.0f}) | {r[0] / g[0]:>7.2f}x {target:>6.1f}x | "
-                  f"{r[2]:.1f}, {g[2]:.1f}", flush=True)
+            print_row(shape, mode, rates["rwkv", mode], rates["gpt", mode])
+
+
+def print_row(shape: tuple[int, int, int], mode: str, r: tuple, g: tuple) -> None:
+    """One row of the throughput table; r, g: ``measure``'s figures for RWKV and the GPT."""
+    n_layer, n_embd, ctx = shape
+    target = TARGET_RATIO.get(ctx) if n_embd == 128 else 1.0
+    print(f"{n_layer}x{n_embd:<5} {ctx:>5} {mode:>13} | {r[0]:>7,.0f} ({r[1]:>6,.0f}) | "
+          f"{g[0]:>7,.0f} ({g[1]:>6,.0f}) | {r[0] / g[0]:>7.2f}x {target:>6.1f}x | "
+          f"{r[2]:>5.1f}, {g[2]:<5.1f} | {r[3]:>6,}, {g[3]:,}", flush=True)
+
+
+def layer_products(n_embd: int = 128, tokens: int = TOKENS_PER_STEP) -> None:
+    """Print the time of one layer's matrix products, forward and backward (the product and
+    both gradients), for each model: its block's Linear weights applied to ``tokens`` rows,
+    the two models' rounds alternated, freed memory kept as in training."""
+    keep_freed_memory()
+    print(f"matrix products of one layer at width {n_embd}, {tokens} tokens, forward + "
+          f"backward, timed alone (best of {REPEATS}, alternated):")
+    work, rounds = {}, {}
+    for name, model in make_models(1, n_embd, 64).items():
+        weights = [m.weight.detach().requires_grad_() for m in model.blocks[0].modules()
+                   if isinstance(m, torch.nn.Linear)]
+        inputs = [torch.randn(tokens, w.shape[1], requires_grad=True) for w in weights]
+        grads = [torch.randn(tokens, w.shape[0]) for w in weights]
+        work[name] = (weights, list(zip(inputs, weights, grads)))
+        rounds[name] = []
+    for _ in range(REPEATS + 1):                       # the first round warms up
+        for name, (_, triples) in work.items():
+            start = time.perf_counter()
+            for x, w, g in triples:
+                torch.autograd.grad(F.linear(x, w), (x, w), g)
+            rounds[name].append(time.perf_counter() - start)
+    best, size = {}, {}
+    for name, (weights, _) in work.items():
+        best[name] = min(rounds[name][1:])
+        size[name] = sum(w.numel() for w in weights)
+        print(f"  {name:>4}: {len(weights)} products, {size[name] / n_embd ** 2:.0f} C^2 "
+              f"weights: {best[name] * 1e3:6.2f} ms")
+    print(f"  RWKV / GPT: {best['rwkv'] / best['gpt']:.3f}x the time, "
+          f"{size['rwkv'] / size['gpt']:.3f}x the weights")
 
 
 def preset_report(path: Path = METRICS) -> None:
@@ -178,7 +236,9 @@ def budget(rows: list[dict], preset: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Both parts: throughput, then the cpu preset's result. ``--eager``: no compiled rows."""
     argv = sys.argv[1:] if argv is None else argv
-    throughput(modes=("eager",) if "--eager" in argv else ("eager", "compiled"))
+    throughput(modes=("eager",) if "--eager" in argv else ("eager", "compiled"),
+               malloc_default=True)
+    layer_products()
     preset_report()
 
 

@@ -20,7 +20,7 @@ from rwkv_ref.checkpoint import save_checkpoint
 from rwkv_ref.config import (CHECKPOINT_NAME, TrainConfig, check_config, check_device,
                              config_from_args, run_command, usage)
 from rwkv_ref.distributed import (Dist, StopRequest, all_mean, close_distributed, cpu_count,
-                                  setup_distributed)
+                                  keep_freed_memory, setup_distributed)
 from rwkv_ref.files import remove_stale_temporaries
 from rwkv_ref.recipe import forward_backward, num_params
 from rwkv_ref.report import METRICS_NAME, evaluate, plot_losses, write_sample
@@ -161,6 +161,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     """``train`` once the processes are set up; the model dies with this frame."""
     check_config(cfg, d.world_size)
     torch.set_num_threads(cfg.num_threads or max(1, cpu_count() // d.local_world_size))
+    keep_freed_memory()        # a step's freed activations wait for the next step
     if d.is_main:             # what a process killed mid-save left; no writer runs yet
         for name in (CHECKPOINT_NAME, METRICS_NAME):
             for stale in remove_stale_temporaries(Path(cfg.out_dir) / name):

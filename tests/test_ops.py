@@ -143,6 +143,17 @@ def test_the_training_benchmark_times_rwkv_with_and_without_the_fused_ops(capsys
     assert ops.OPS_KERNEL                              # switched back on after the bench
 
 
+def test_the_training_benchmark_times_each_models_layer_products(capsys):
+    """RWKV's block has 7 matrix products holding 13 C² weights, the GPT's 4 holding 12 C²
+    (qkv 3 C², the projection C², the MLP 8 C²)."""
+    from benchmarks import bench_train
+
+    bench_train.layer_products(n_embd=16, tokens=8)
+    out = capsys.readouterr().out
+    assert "rwkv: 7 products, 13 C^2 weights" in out and "gpt: 4 products, 12 C^2" in out, out
+    assert "1.083x the weights" in out, out
+
+
 def test_results_do_not_depend_on_the_thread_count():
     """make test runs one thread per pytest worker: here the ops run on two threads (their
     rows split into chunks) against one, bit for bit; the mu gradient is summed per chunk, and

@@ -423,3 +423,48 @@ def test_compile_really_trains(tmp_path, text_file):
     cfg = tiny(tmp_path, text_file, model="gpt", compile=True, max_iters=6, eval_interval=6)
     result = train(cfg)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+PAGE_FAULTS = """
+import resource, sys, torch
+from rwkv_ref.distributed import keep_freed_memory
+from rwkv_ref.model import RWKV, RWKVConfig
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+torch.manual_seed(0)
+torch.set_num_threads(1)
+model = RWKV(RWKVConfig(vocab_size=65, n_layer=2, n_embd=128, ctx_len=64))
+x = torch.randint(65, (64, 64))
+
+def step():
+    logits, _ = model(x)
+    logits.square().mean().backward()
+    model.zero_grad(set_to_none=True)
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+step(); step()
+per_step = []
+for _ in range(9):
+    before = faults()
+    step()
+    per_step.append(faults() - before)
+print(kept, sorted(per_step)[4])        # the median: the kept heap still grows now and then
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_kept_freed_memory_spares_the_page_faults_of_every_step():
+    """After ``keep_freed_memory`` (which ``train`` calls) a training step at the cpu preset's
+    width takes its memory from the heap: a handful of page faults in the median step, where
+    glibc's own thresholds give thousands (it returns the freed activations to the kernel)."""
+    def faults_per_step(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], cwd=REPO, check=True,
+                             capture_output=True, text=True, timeout=120).stdout.split()
+        return out[0], int(out[1])
+
+    kept, with_it = faults_per_step("keep")
+    _, without = faults_per_step("default")
+    assert kept == "True", "keep_freed_memory() did not set glibc's thresholds"
+    assert with_it < 200, (f"{with_it} minor page faults in the median step with freed memory "
+                           f"kept ({without} without)")
