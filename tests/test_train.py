@@ -468,3 +468,10 @@ def test_kept_freed_memory_spares_the_page_faults_of_every_step():
     assert kept == "True", "keep_freed_memory() did not set glibc's thresholds"
     assert with_it < 200, (f"{with_it} minor page faults in the median step with freed memory "
                            f"kept ({without} without)")
+
+
+def test_train_keeps_freed_memory(tmp_path, text_file, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train_mod, "keep_freed_memory", lambda: calls.append(1) or True)
+    train(tiny(tmp_path, text_file, max_iters=2, eval_interval=2))
+    assert calls == [1]
