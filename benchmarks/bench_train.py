@@ -93,11 +93,11 @@ class Trainer:
         self.model, self.fused_ops = model, fused_ops
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         self.loss = torch.compile(loss_of) if compiled else loss_of
-        self.times: list[float] = []
-        self.faults: list[int] = []            # minor page faults of each timed step
+        self.times: list[float] = []           # seconds of each step
+        self.faults: list[int] = []            # minor page faults of each step
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One training step; returns its seconds (and appends its page faults)."""
+        """One training step; appends its seconds and page faults, and returns the seconds."""
         was, ops.OPS_KERNEL = ops.OPS_KERNEL, self.fused_ops
         try:
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -105,9 +105,9 @@ class Trainer:
             self.loss(self.model, x, y)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            seconds = time.perf_counter() - start
+            self.times.append(time.perf_counter() - start)
             self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
-            return seconds
+            return self.times[-1]
         finally:
             ops.OPS_KERNEL = was
 
@@ -128,11 +128,12 @@ def measure(n_layer: int, n_embd: int, ctx: int, modes=("eager", "compiled")) ->
         trainers["gpt", NO_OPS] = trainers["gpt", "eager"]
     unique = list({id(t): t for t in trainers.values()}.values())
     first = {key: t.step(x, y) for key, t in trainers.items()}   # warm-up, compilation
-    for t in unique:
+    for t in unique:                                             # time only what follows
+        t.times.clear()
         t.faults.clear()
     for _ in range(REPEATS):
         for t in unique:
-            t.times.append(t.step(x, y))
+            t.step(x, y)
     return {key: (TOKENS_PER_STEP / min(t.times), TOKENS_PER_STEP / statistics.median(t.times),
                   first[key], round(statistics.median(t.faults)))
             for key, t in trainers.items()}
